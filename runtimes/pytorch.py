@@ -1,0 +1,120 @@
+"""The PyTorch reference runtime: the runtime protocol over diffusers modules and ``SUNUNet``.
+
+Every export is checked against this runtime, so it does nothing clever: float32 (or a chosen
+dtype) on one device, NumPy in and out, inputs checked like every other runtime's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from sun_edge.adapter import SUNAdapter, find_adapter, load_adapter
+from sun_edge.errors import SunEdgeError
+from sun_edge.runtimes import check_input
+from sun_edge.unet import SUNUNet
+
+Precision = Literal["fp32", "fp16", "bf16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TorchRuntime:
+    """Runtime protocol over PyTorch modules. ``adapter`` None means CFG-only (no ``unet``)."""
+
+    unet_module: nn.Module
+    text_encoder: nn.Module
+    vae: nn.Module
+    adapter: SUNAdapter | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    info: dict[str, Any] = field(default_factory=dict)
+    name: str = "pytorch"
+
+    def __post_init__(self) -> None:
+        self.sun_unet = SUNUNet(self.unet_module, self.adapter) if self.adapter is not None else None
+        for module in (self.unet_module, self.text_encoder, self.vae, self.adapter):
+            if module is not None:
+                if next(module.parameters()).dtype != self.dtype:
+                    module.to(dtype=self.dtype)
+                module.to(self.device).eval().requires_grad_(False)
+        self.text_dim = int(self.text_encoder.config.hidden_size)
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.text_tokens = int(self.text_encoder.config.max_position_embeddings)
+
+    @classmethod
+    def load(cls, model: str, adapter: str | Path | None = None, *, loras: tuple[tuple[Path, float], ...] = (),
+             allow_pickle: bool = False, device: str = "cpu", precision: Precision = "fp32") -> "TorchRuntime":
+        """Load a model (registry name or path) and an adapter file (default: one shipped beside the model)."""
+        from sun_edge.models import load_model
+        from sun_edge.weights import sha256_file
+
+        loaded = load_model(model, loras=loras, allow_pickle=allow_pickle)
+        info: dict[str, Any] = {"model": loaded.name, "model_sha256": loaded.sha256}
+        sun_adapter = None
+        adapter_path = find_adapter(adapter, loaded.path)
+        if adapter_path is not None:
+            sun_adapter = load_adapter(adapter_path, loaded.unet.config)
+            info.update(adapter=adapter_path.name, adapter_sha256=sha256_file(adapter_path),
+                        adapter_parameters=sun_adapter.num_parameters())
+        if loras:
+            info["loras"] = [f"{Path(p).name}:{s:g}" for p, s in loras]
+        return cls(loaded.unet, loaded.text_encoder, loaded.vae, sun_adapter, device, DTYPES[precision], info)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
+
+    def _latents(self, what: str, latents: np.ndarray) -> np.ndarray:
+        return check_input(what, latents, (None, self.latent_channels, None, None), np.float32)
+
+    def _timestep(self, t: np.ndarray | float | int) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(t, dtype=np.float32).reshape(-1)[:1], device=self.device)  # [1]
+
+    @torch.no_grad()
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [B,77] int64 -> last hidden state [B,77,D] float32."""
+        check_input("input_ids", ids, (None, self.text_tokens), np.int64)
+        ids_t = torch.from_numpy(ids).to(self.device)
+        return self.text_encoder(ids_t, return_dict=False)[0].float().cpu().numpy()  # [B, 77, D]
+
+    @torch.no_grad()
+    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+        """One SUN forward: eps [B,4,h,w] from latents, timestep and both text embeddings."""
+        if self.sun_unet is None:
+            raise SunEdgeError("this runtime has no SUN adapter: pass --adapter, or use --mode cfg")
+        batch = self._latents("sample", latents).shape[0]
+        check_input("encoder_hidden_states", pos, (batch, self.text_tokens, self.text_dim), np.float32)
+        check_input("negative_encoder_hidden_states", neg, (batch, self.text_tokens, self.text_dim), np.float32)
+        eps = self.sun_unet(self._tensor(latents), self._timestep(t), self._tensor(pos), self._tensor(neg))
+        return eps.float().cpu().numpy()
+
+    @torch.no_grad()
+    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
+        """The UNet without the adapter (batched CFG baseline): eps [B,4,h,w]."""
+        batch = self._latents("sample", latents).shape[0]
+        check_input("encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
+        module = self.sun_unet.plain if self.sun_unet is not None else self._plain
+        return module(self._tensor(latents), self._timestep(t), self._tensor(emb)).float().cpu().numpy()
+
+    def _plain(self, sample: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.unet_module(sample, t, emb, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Sampler latents [B,4,h,w] -> image [B,3,8h,8w] in [-1, 1] (the 1/scaling_factor is applied here)."""
+        z = self._tensor(self._latents("latents", latents)) / self.scaling_factor
+        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """Image [B,3,H,W] in [-1, 1] -> scaled latents [B,4,H/8,W/8] (the posterior mean)."""
+        check_input("image", image, (None, 3, None, None), np.float32)
+        dist = self.vae.encode(self._tensor(image)).latent_dist
+        return (dist.mean * self.scaling_factor).float().cpu().numpy()

@@ -1,0 +1,108 @@
+"""Images out: array to PIL, PNG with generation parameters, side-by-side comparison sheets.
+
+PNG metadata follows AUTOMATIC1111's ``parameters`` text chunk, which image browsers and
+sharing sites read::
+
+    <prompt>
+    Negative prompt: <negative prompt>
+    Steps: 4, Sampler: DDIM, Schedule type: trailing, CFG scale: 1, Seed: 0, Size: 512x512, ...
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from sun_edge.errors import SunEdgeError
+
+# A1111 sampler names for our schedulers.
+SAMPLER_LABELS = {"dpmpp_2m": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler"}
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """One decoded image [3,H,W] in [-1, 1] -> 8-bit RGB."""
+    pixels = np.clip((image.transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)  # [H, W, 3]
+    return Image.fromarray(pixels, "RGB")
+
+
+def _clean(value: Any) -> str:
+    return str(value).replace("\n", " ").replace(",", ";") if not isinstance(value, str) else value.replace("\n", " ")
+
+
+def a1111_parameters(prompt: str, negative_prompt: str, fields: Mapping[str, Any]) -> str:
+    """Format generation parameters as AUTOMATIC1111 writes them (three lines)."""
+    lines = [prompt.replace("\n", " ")]
+    if negative_prompt:
+        lines.append("Negative prompt: " + negative_prompt.replace("\n", " "))
+    items = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = _clean(value)
+        if any(c in text for c in ",:\""):
+            text = '"' + text.replace('"', "'") + '"'
+        items.append(f"{key}: {text}")
+    lines.append(", ".join(items))
+    return "\n".join(lines)
+
+
+def read_parameters(path: Path) -> str | None:
+    """The ``parameters`` text chunk of a PNG, or None."""
+    with Image.open(path) as image:
+        return image.text.get("parameters") if hasattr(image, "text") else None
+
+
+def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
+    """Write a PNG atomically (temp file, then rename), with the ``parameters`` chunk if given."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise SunEdgeError(f"output {path} must end in .png")
+    if not path.parent.is_dir():
+        raise SunEdgeError(f"output folder {path.parent} does not exist; create it first")
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def side_by_side(images: Sequence[Image.Image], labels: Sequence[Sequence[str]], min_width: int = 256) -> Image.Image:
+    """Images in a row, each with lines of caption beneath (small images are scaled up, pixelated)."""
+    scale = max(1, -(-min_width // max(im.width for im in images)))
+    tiles = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
+    font_size = max(12, tiles[0].width // 22)
+    font = _font(font_size)
+    pad, line_h = 8, int(font_size * 1.35)
+    caption_h = pad + line_h * max(len(lines) for lines in labels) + pad
+    width = sum(t.width for t in tiles) + pad * (len(tiles) + 1)
+    height = max(t.height for t in tiles) + caption_h + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = pad
+    for tile, lines in zip(tiles, labels):
+        sheet.paste(tile, (x, pad))
+        for i, line in enumerate(lines):
+            draw.text((x, pad + tile.height + pad + i * line_h), line, fill="black", font=font)
+        x += tile.width + pad
+    return sheet

@@ -1,0 +1,171 @@
+"""``Pipeline``: prompt to image on any runtime, with the one NumPy sampler.
+
+The pipeline owns everything that must be identical across runtimes: tokenization, initial
+noise, the sampling loop, CFG's combination and the conversion to 8-bit pixels. A runtime only
+evaluates its graphs (DESIGN.md, "Contracts"). NumPy only: no PyTorch here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from PIL import Image
+
+from sun_edge import imaging, noise, sampling
+from sun_edge.errors import SunEdgeError
+from sun_edge.tokenizer import CLIPTokenizer
+
+Mode = Literal["sun", "cfg"]
+NoiseKind = Literal["torch", "numpy"]
+
+
+class Runtime(Protocol):
+    """What a pipeline needs of a runtime (DESIGN.md); ``unet_plain`` only for CFG mode."""
+
+    latent_channels: int
+    vae_scale_factor: int
+    info: dict[str, Any]
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray: ...
+    def unet(self, latents: np.ndarray, t: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray: ...
+    def decode(self, latents: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to sample. SUN defaults: 4 DDIM steps on the trailing grid [999, 749, 499, 249]."""
+
+    mode: Mode = "sun"
+    steps: int = 4
+    scheduler: str = "ddim"
+    spacing: str = "trailing"
+    guidance: float = 8.0  # CFG mode only; SUN's guidance is learnt
+    height: int = 512
+    width: int = 512
+    noise: NoiseKind = "torch"
+
+    @classmethod
+    def baseline(cls, **overrides: Any) -> "Settings":
+        """The reference SUN is measured against: 25 DPM-Solver++ steps with CFG at scale 8."""
+        return replace(cls(mode="cfg", steps=25, scheduler="dpmpp_2m", spacing="linspace"), **overrides)
+
+    def validate(self) -> None:
+        if self.mode not in ("sun", "cfg"):
+            raise SunEdgeError(f"unknown mode {self.mode!r}; valid modes: cfg, sun")
+        if self.steps < 1:
+            raise SunEdgeError(f"steps must be at least 1, got {self.steps}")
+        for side, value in (("height", self.height), ("width", self.width)):
+            if value < 8 or value % 8:
+                raise SunEdgeError(f"{side} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
+
+
+@dataclass
+class Generated:
+    """One image and how it was made."""
+
+    image: Image.Image
+    seed: int
+    prompt: str
+    negative_prompt: str
+    settings: Settings
+    seconds: float
+    unet_calls: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> str:
+        """The AUTOMATIC1111-style ``parameters`` text for the PNG."""
+        return imaging.a1111_parameters(self.prompt, self.negative_prompt, self.fields)
+
+
+@dataclass
+class Pipeline:
+    """Drives any runtime from prompt to images."""
+
+    runtime: Runtime
+    tokenizer: CLIPTokenizer = field(default_factory=CLIPTokenizer.default)
+
+    def embed(self, text: str) -> np.ndarray:
+        """Prompt -> text embedding [1,77,D]."""
+        return self.runtime.encode_text(self.tokenizer.encode(text))
+
+    def initial_latents(self, seed: int, settings: Settings) -> np.ndarray:
+        shape = (1, self.runtime.latent_channels, settings.height // self.runtime.vae_scale_factor,
+                 settings.width // self.runtime.vae_scale_factor)
+        return noise.initial_noise(seed, shape, kind=settings.noise)
+
+    def eps_fn(self, prompt: str, negative_prompt: str, settings: Settings) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], list[int]]:
+        """The model as the sampler sees it, and a one-item list counting UNet calls."""
+        pos, neg = self.embed(prompt), self.embed(negative_prompt)
+        calls = [0]
+        if settings.mode == "sun":
+            def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
+                calls[0] += 1
+                return self.runtime.unet(latents, t, pos, neg)
+        else:
+            plain = getattr(self.runtime, "unet_plain", None)
+            if plain is None:
+                raise SunEdgeError(f"runtime {getattr(self.runtime, 'name', '?')} has no UNet without the adapter; CFG mode needs one")
+            context = np.concatenate([neg, pos])  # [2, 77, D]
+
+            def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
+                calls[0] += 1
+                both = plain(np.concatenate([latents, latents]), t, context)  # [2, 4, h, w]
+                return sampling.cfg_combine(both[:1], both[1:], settings.guidance)
+        return eps, calls
+
+    def generate(self, prompt: str, negative_prompt: str = "", *, seeds: Sequence[int] = (0,),
+                 settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None) -> list[Generated]:
+        """One image per seed. ``progress(done, total)`` is called after every UNet step."""
+        settings.validate()
+        total, done = len(seeds) * settings.steps, 0
+        results = []
+        for seed in seeds:
+            start = time.perf_counter()
+            eps, calls = self.eps_fn(prompt, negative_prompt, settings)
+
+            def step_done(*_: Any) -> None:
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
+            latents = sampling.sample(eps, self.initial_latents(seed, settings), steps=settings.steps,
+                                      scheduler=settings.scheduler, spacing=settings.spacing, progress=step_done)
+            image = imaging.to_pil(self.runtime.decode(latents.astype(np.float32))[0])
+            seconds = time.perf_counter() - start
+            results.append(Generated(image, seed, prompt, negative_prompt, settings, seconds, calls[0],
+                                     self._fields(seed, settings)))
+        return results
+
+    def _fields(self, seed: int, settings: Settings) -> dict[str, Any]:
+        info = self.runtime.info
+        model_hash = info.get("model_sha256")
+        sun = settings.mode == "sun"
+        return {
+            "Steps": settings.steps,
+            "Sampler": imaging.SAMPLER_LABELS.get(settings.scheduler, settings.scheduler),
+            "Schedule type": settings.spacing,
+            "CFG scale": settings.guidance if not sun else 1,
+            "Seed": seed,
+            "Size": f"{settings.width}x{settings.height}",
+            "Model hash": model_hash[:10] if model_hash else None,
+            "Model": info.get("model"),
+            "Lora": ", ".join(info["loras"]) if info.get("loras") else None,
+            "SUN": "on" if sun else "off (CFG baseline)",
+            "SUN adapter": info.get("adapter") if sun else None,
+            "SUN adapter sha256": info.get("adapter_sha256") if sun else None,
+            "Noise": settings.noise,
+            "Runtime": getattr(self.runtime, "name", None),
+            "Version": f"sun-edge {_version()}",
+        }
+
+
+def _version() -> str:
+    from sun_edge import __version__
+
+    return __version__
