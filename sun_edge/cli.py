@@ -110,7 +110,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.compare:
             image = imaging.side_by_side([r[i].image for r in results], [_caption(r[i]) for r in results])
         imaging.save_png(image, path, first.parameters)
-        print(f"wrote {path} ({first.seconds:.1f} s, {first.unet_calls} UNet calls)")
+        for r in (r[i] for r in results):
+            print(f"{r.settings.mode}: {r.seconds:.2f} s for the image; {r.unet_calls} UNet calls, "
+                  f"{r.unet_seconds / r.unet_calls:.3f} s each", file=sys.stderr)
+        print(f"wrote {path}")
     return 0
 
 
@@ -123,7 +126,7 @@ def _caption(g: Any) -> list[str]:
         head, calls = "SUN", f"{g.unet_calls} UNet calls (batch 1)"
     else:
         head, calls = f"CFG {s.guidance:g}", f"{g.unet_calls} UNet calls (batch 2)"
-    return [f"{head}: {sampler}, {s.steps} steps", f"{calls}, {g.seconds:.1f} s", f"seed {g.seed}"]
+    return [f"{head}: {sampler}, {s.steps} steps", calls, f"{g.seconds:.1f} s, seed {g.seed}"]
 
 
 def cmd_models(args: argparse.Namespace) -> int:

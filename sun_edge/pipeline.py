@@ -74,6 +74,7 @@ class Generated:
     settings: Settings
     seconds: float
     unet_calls: int
+    unet_seconds: float  # time inside the UNet calls (the CFG combination included)
     fields: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -98,13 +99,11 @@ class Pipeline:
                  settings.width // self.runtime.vae_scale_factor)
         return noise.initial_noise(seed, shape, kind=settings.noise)
 
-    def eps_fn(self, prompt: str, negative_prompt: str, settings: Settings) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], list[int]]:
-        """The model as the sampler sees it, and a one-item list counting UNet calls."""
+    def eps_fn(self, prompt: str, negative_prompt: str, settings: Settings) -> "_Meter":
+        """The model as the sampler sees it, wrapped to count its calls and their time."""
         pos, neg = self.embed(prompt), self.embed(negative_prompt)
-        calls = [0]
         if settings.mode == "sun":
             def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
-                calls[0] += 1
                 return self.runtime.unet(latents, t, pos, neg)
         else:
             plain = getattr(self.runtime, "unet_plain", None)
@@ -113,10 +112,9 @@ class Pipeline:
             context = np.concatenate([neg, pos])  # [2, 77, D]
 
             def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
-                calls[0] += 1
                 both = plain(np.concatenate([latents, latents]), t, context)  # [2, 4, h, w]
                 return sampling.cfg_combine(both[:1], both[1:], settings.guidance)
-        return eps, calls
+        return _Meter(eps)
 
     def generate(self, prompt: str, negative_prompt: str = "", *, seeds: Sequence[int] = (0,),
                  settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None) -> list[Generated]:
@@ -126,7 +124,7 @@ class Pipeline:
         results = []
         for seed in seeds:
             start = time.perf_counter()
-            eps, calls = self.eps_fn(prompt, negative_prompt, settings)
+            meter = self.eps_fn(prompt, negative_prompt, settings)
 
             def step_done(*_: Any) -> None:
                 nonlocal done
@@ -134,12 +132,12 @@ class Pipeline:
                 if progress is not None:
                     progress(done, total)
 
-            latents = sampling.sample(eps, self.initial_latents(seed, settings), steps=settings.steps,
+            latents = sampling.sample(meter, self.initial_latents(seed, settings), steps=settings.steps,
                                       scheduler=settings.scheduler, spacing=settings.spacing, progress=step_done)
             image = imaging.to_pil(self.runtime.decode(latents.astype(np.float32))[0])
             seconds = time.perf_counter() - start
-            results.append(Generated(image, seed, prompt, negative_prompt, settings, seconds, calls[0],
-                                     self._fields(seed, settings)))
+            results.append(Generated(image, seed, prompt, negative_prompt, settings, seconds, meter.calls,
+                                     meter.seconds, self._fields(seed, settings)))
         return results
 
     def _fields(self, seed: int, settings: Settings) -> dict[str, Any]:
@@ -163,6 +161,21 @@ class Pipeline:
             "Runtime": getattr(self.runtime, "name", None),
             "Version": f"sun-edge {_version()}",
         }
+
+
+class _Meter:
+    """Wraps an eps function, counting calls and the seconds spent in them."""
+
+    def __init__(self, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        self.fn, self.calls, self.seconds = fn, 0, 0.0
+
+    def __call__(self, latents: np.ndarray, t: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return self.fn(latents, t)
+        finally:
+            self.calls += 1
+            self.seconds += time.perf_counter() - start
 
 
 def _version() -> str:
