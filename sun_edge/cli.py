@@ -47,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps")
     g.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path; several seeds add -s<seed> to the name")
 
-    m = sub.add_parser("models", help="list the model registry and what is installed")
-    m.add_argument("--home", type=Path, help="models home (default: $SUN_EDGE_HOME or ~/.cache/sun-edge)")
+    sub.add_parser("models", help="list the model registry and what is installed ($SUN_EDGE_HOME/models)")
 
     a = sub.add_parser("adapter", help="describe a SUN adapter file: layout, layers, parameter count")
     a.add_argument("path", type=Path)
@@ -98,11 +97,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     runs = [settings] + ([Settings.baseline(guidance=args.guidance, height=args.height, width=args.width, noise=args.noise)] if args.compare else [])
     total = sum(s.steps for s in runs) * len(args.seed)
-    with tqdm(total=total, unit="step", desc="sampling", file=sys.stderr) as bar:
-        def progress(done: int, _total: int) -> None:
-            bar.update(1)
+    bar = None
 
+    def progress(done: int, _total: int) -> None:
+        nonlocal bar  # made at the first step, so that warnings from text encoding print above it
+        bar = bar or tqdm(total=total, unit="step", desc="sampling", file=sys.stderr)
+        bar.update(1)
+
+    try:
         results = [pipe.generate(args.prompt, args.negative_prompt, seeds=args.seed, settings=s, progress=progress) for s in runs]
+    finally:
+        if bar is not None:
+            bar.close()
 
     for i, path in enumerate(_outputs(args.output, args.seed)):
         first = results[0][i]
@@ -130,11 +136,14 @@ def _caption(g: Any) -> list[str]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from sun_edge.models import list_models, models_home
+    from sun_edge.models import list_models, models_dir
 
-    home = args.home or models_home()
-    print(f"models home: {home / 'models'}  (set SUN_EDGE_HOME to move it)")
-    rows = [(entry.name, str(path) if path else f"missing: put {entry.files[0]} there") for entry, path in list_models(home)]
+    print(f"models folder: {models_dir()}  (set SUN_EDGE_HOME to move it)")
+    rows = []
+    for entry, path in list_models():
+        wanted = entry.files[0] if entry.files else entry.folders[0]
+        status = str(path) if path else ("generated on first use" if entry.generated else f"missing: put {wanted} there")
+        rows.append((f"{entry.name} ({entry.display_name})", status))
     width = max(len(name) for name, _ in rows)
     for name, where in rows:
         print(f"  {name:<{width}}  {where}")
@@ -162,15 +171,18 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 COMMANDS = {"generate": cmd_generate, "models": cmd_models, "adapter": cmd_adapter}
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
-    return f"warning: {message}\n"
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except SunEdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -72,7 +72,7 @@ class Generated:
     prompt: str
     negative_prompt: str
     settings: Settings
-    seconds: float
+    seconds: float  # sampling and decoding (text encoding is done once per call, not counted)
     unet_calls: int
     unet_seconds: float  # time inside the UNet calls (the CFG combination included)
     fields: dict[str, Any] = field(default_factory=dict)
@@ -99,9 +99,8 @@ class Pipeline:
                  settings.width // self.runtime.vae_scale_factor)
         return noise.initial_noise(seed, shape, kind=settings.noise)
 
-    def eps_fn(self, prompt: str, negative_prompt: str, settings: Settings) -> "_Meter":
-        """The model as the sampler sees it, wrapped to count its calls and their time."""
-        pos, neg = self.embed(prompt), self.embed(negative_prompt)
+    def eps_fn(self, pos: np.ndarray, neg: np.ndarray, settings: Settings) -> "_Meter":
+        """The model as the sampler sees it (given both text embeddings), counting calls and their time."""
         if settings.mode == "sun":
             def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
                 return self.runtime.unet(latents, t, pos, neg)
@@ -122,9 +121,10 @@ class Pipeline:
         settings.validate()
         total, done = len(seeds) * settings.steps, 0
         results = []
+        pos, neg = self.embed(prompt), self.embed(negative_prompt)  # once for all seeds
         for seed in seeds:
             start = time.perf_counter()
-            meter = self.eps_fn(prompt, negative_prompt, settings)
+            meter = self.eps_fn(pos, neg, settings)
 
             def step_done(*_: Any) -> None:
                 nonlocal done
