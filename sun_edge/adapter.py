@@ -322,10 +322,9 @@ def adapter_from_state_dict(state: Mapping[str, torch.Tensor], unet_config: Mapp
 
 def sd15_unet_config() -> dict[str, Any]:
     """The bundled SD1.5 UNet config (the released adapter's architecture)."""
-    import json
-    from importlib import resources
+    from sun_edge.checkpoint import read_config
 
-    return json.loads(resources.files("sun_edge").joinpath("configs/sd15/unet/config.json").read_text())
+    return read_config("unet")
 
 
 BUNDLED_ADAPTER_FILE = "sun-adapter.safetensors"

@@ -6,3 +6,9 @@ class SunEdgeError(Exception):
 
     Messages are one line: what is wrong, and what to do about it.
     """
+
+
+def first_names(names: list[str] | tuple[str, ...], n: int = 3) -> str:
+    """``"a, b, c, ..."``: the first ``n`` names of a list, for one-line error messages."""
+    shown = ", ".join(names[:n])
+    return shown + (", ..." if len(names) > n else "")
