@@ -100,9 +100,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bar = None
 
     def progress(done: int, _total: int) -> None:
-        nonlocal bar  # made at the first step, so that warnings from text encoding print above it
+        nonlocal bar  # made when sampling starts, so that warnings from text encoding print above it
         bar = bar or tqdm(total=total, unit="step", desc="sampling", file=sys.stderr)
-        bar.update(1)
+        bar.update(1 if done else 0)
 
     try:
         results = [pipe.generate(args.prompt, args.negative_prompt, seeds=args.seed, settings=s, progress=progress) for s in runs]

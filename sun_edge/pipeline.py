@@ -117,11 +117,13 @@ class Pipeline:
 
     def generate(self, prompt: str, negative_prompt: str = "", *, seeds: Sequence[int] = (0,),
                  settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None) -> list[Generated]:
-        """One image per seed. ``progress(done, total)`` is called after every UNet step."""
+        """One image per seed. ``progress(done, total)`` is called once before the first UNet step, then after each."""
         settings.validate()
         total, done = len(seeds) * settings.steps, 0
         results = []
         pos, neg = self.embed(prompt), self.embed(negative_prompt)  # once for all seeds
+        if progress is not None:
+            progress(0, total)  # text encoded: sampling starts
         for seed in seeds:
             start = time.perf_counter()
             meter = self.eps_fn(pos, neg, settings)
