@@ -115,6 +115,12 @@ class Pipeline:
                 return sampling.cfg_combine(both[:1], both[1:], settings.guidance)
         return _Meter(eps)
 
+    def warm_up(self, settings: Settings) -> None:
+        """One untimed UNet call in ``settings.mode``, so that one-time backend set-up does not skew timings."""
+        emb = self.embed("")
+        latents = self.initial_latents(0, settings)
+        self.eps_fn(emb, emb, settings)(latents, np.array([999.0], np.float32))
+
     def generate(self, prompt: str, negative_prompt: str = "", *, seeds: Sequence[int] = (0,),
                  settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None) -> list[Generated]:
         """One image per seed. ``progress(done, total)`` is called once before the first UNet step, then after each."""
