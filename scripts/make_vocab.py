@@ -31,28 +31,13 @@ import json
 import sys
 from pathlib import Path
 
+from sun_edge.tokenizer import bytes_to_unicode  # the byte map the tokenizer decodes with
+
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # 48894: CLIP's vocab of 49408 = 512 byte tokens + merges + 2 specials
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 MERGES_HEADER = "#version: 0.2"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "sun_edge" / "data"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible map from the 256 byte values to printable characters.
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, ...) map to
-    ``chr(256 + n)`` in byte order, so BPE never sees whitespace or control characters.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, codes)}
 
 
 def find_open_clip_bpe() -> Path:

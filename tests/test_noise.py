@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from sun_edge.errors import SunEdgeError
+from no_torch import run_without_torch
 from sun_edge.noise import initial_noise
 
 SEEDS = (0, 1, 42, 2**31 - 1, 2**32 - 1, 2**32 + 7, 2**64 - 1)
@@ -62,21 +60,10 @@ def test_bad_arguments_are_clear_errors() -> None:
         initial_noise(2**64, (1, 4, 8, 8), kind="torch")
 
 
-BLOCK_TORCH = """
-import importlib.abc, sys
-
-class BlockHeavy(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "diffusers", "transformers"):
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, BlockHeavy())
-"""
 
 
 def test_imports_without_torch() -> None:
-    code = BLOCK_TORCH + textwrap.dedent(
+    run_without_torch(
         """
         from sun_edge.noise import initial_noise
         assert initial_noise(7, (1, 4, 8, 8), kind="torch").shape == (1, 4, 8, 8)
@@ -84,4 +71,3 @@ def test_imports_without_torch() -> None:
         assert not any(m.split(".")[0] in ("torch", "diffusers") for m in sys.modules)
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True)

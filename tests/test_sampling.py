@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from sun_edge.errors import SunEdgeError
+from no_torch import run_without_torch
 from sun_edge.sampling import (
     SCHEDULERS,
     SD15,
@@ -151,21 +149,10 @@ def test_cfg_combine() -> None:
     np.testing.assert_array_equal(cfg_combine(neg, pos, 1.0), pos)
 
 
-BLOCK_TORCH = """
-import importlib.abc, sys
-
-class BlockHeavy(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "diffusers", "transformers"):
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, BlockHeavy())
-"""
 
 
 def test_imports_without_torch() -> None:
-    code = BLOCK_TORCH + textwrap.dedent(
+    run_without_torch(
         """
         import numpy as np
         from sun_edge.sampling import sample
@@ -175,4 +162,3 @@ def test_imports_without_torch() -> None:
         assert not any(m.split(".")[0] in ("torch", "diffusers") for m in sys.modules)
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
