@@ -1,0 +1,113 @@
+"""Exporters: one module per target, each writing a bundle (DESIGN.md, "Contracts")::
+
+    from sun_edge.export import ExportOptions, export
+    export("onnx", "toonyou", "toonyou-onnx", adapter="sun-adapter.safetensors",
+           options=ExportOptions(precision="fp16", with_baseline=True))
+
+``TARGETS`` maps each target name to the module implementing it; the module is imported only
+when its target is used, so ``import sun_edge.export`` imports neither torch nor a converter.
+Every target module provides::
+
+    export_bundle(reference: TorchRuntime, out: Path, options: ExportOptions, *, model: dict | None,
+                  adapter: dict | None, force: bool, parity: ParityFn | None, progress: bool) -> Path
+
+``parity(reference, bundle_dir) -> dict`` is called on the complete bundle (manifest included)
+before it is renamed into place; its result is recorded as the manifest's ``parity``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType, ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+from sun_edge.errors import SunEdgeError
+
+if TYPE_CHECKING:
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+TARGETS = MappingProxyType({
+    "onnx": "sun_edge.export.onnx",
+    "coreml": "sun_edge.export.coreml",
+    "tensorrt": "sun_edge.export.tensorrt",
+})
+Precision = Literal["fp32", "fp16"]
+ParityFn = Callable[["TorchRuntime", Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export. Shapes are static: a bundle generates at one image size."""
+
+    precision: Precision = "fp32"  # fp16 keeps softmax, normalisation and the adapter's norm ratio in fp32
+    height: int = 512
+    width: int = 512
+    with_baseline: bool = False  # also the UNet without the adapter (batch 1 or 2), for CFG mode
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "fp16"):
+            raise SunEdgeError(f"unknown precision {self.precision!r}; valid precisions: fp16, fp32")
+        for side, value in (("height", self.height), ("width", self.width)):
+            if value < 8 or value % 8:
+                raise SunEdgeError(f"{side} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
+
+
+def target_module(name: str) -> ModuleType:
+    """Import the module of export target ``name``; unknown names list the valid ones."""
+    if name not in TARGETS:
+        raise SunEdgeError(f"unknown export target {name!r}; valid targets: {', '.join(sorted(TARGETS))}")
+    return importlib.import_module(TARGETS[name])
+
+
+def model_entry(reference: TorchRuntime, path: str | None = None,
+                loras: Sequence[tuple[Path, float]] = ()) -> dict[str, Any]:
+    """The manifest's ``model``: name, sha256, the path or name as given, merged LoRAs (file, path, scale, sha256)."""
+    from sun_edge.weights import sha256_file
+
+    info = reference.info
+    return {"name": info.get("model"), "sha256": info.get("model_sha256"), "path": path,
+            "loras": [{"file": Path(p).name, "path": str(p), "scale": float(s), "sha256": sha256_file(Path(p))}
+                      for p, s in loras]}
+
+
+def adapter_entry(reference: TorchRuntime, path: Path | str | None = None) -> dict[str, Any]:
+    """The manifest's ``adapter``: name, path, sha256, parameter count, extra-positive branch."""
+    if reference.adapter is None:
+        raise SunEdgeError("exports fuse a SUN adapter into the UNet, and this model has none: pass --adapter PATH")
+    info = reference.info
+    return {"name": info.get("adapter"), "path": str(path) if path is not None else None,
+            "sha256": info.get("adapter_sha256"), "parameters": reference.adapter.num_parameters(),
+            "extra_positive": bool(reference.adapter.extra_positive)}
+
+
+def export(target: str, model: str, out: Path | str, *, adapter: Path | str | None = None,
+           loras: Sequence[tuple[Path, float]] = (), allow_pickle: bool = False,
+           options: ExportOptions = ExportOptions(), force: bool = False, parity: ParityFn | None = None,
+           progress: bool = True) -> Path:
+    """Load ``model`` with its adapter (float32 reference) and write a ``target`` bundle to ``out``.
+
+    Checks the target, the options and the destination (``force`` to replace an existing one)
+    before loading anything. Returns the bundle's path.
+    """
+    from sun_edge.bundle import check_destination
+
+    module = target_module(target)
+    options.validate()
+    out = Path(out)
+    check_destination(out, force)
+
+    from sun_edge.adapter import find_adapter
+    from sun_edge.models import resolve_model
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    reference = TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle)
+    if reference.adapter is None:
+        raise SunEdgeError(f"model {model} has no SUN adapter beside it: pass --adapter PATH "
+                           "(exports fuse the adapter into the UNet)")
+    adapter_path = find_adapter(adapter, resolve_model(model))
+    return module.export_bundle(reference, out, options, model=model_entry(reference, model, loras),
+                                adapter=adapter_entry(reference, adapter_path), force=force, parity=parity,
+                                progress=progress)

@@ -20,6 +20,9 @@ from sun_edge.errors import SunEdgeError
 
 RUNTIMES: dict[str, str] = {
     "pytorch": "sun_edge.runtimes.pytorch",
+    "onnxruntime": "sun_edge.runtimes.onnxruntime",
+    "coreml": "sun_edge.runtimes.coreml",
+    "tensorrt": "sun_edge.runtimes.tensorrt",
 }
 
 

@@ -35,10 +35,11 @@ class TorchRuntime:
     dtype: torch.dtype = torch.float32
     info: dict[str, Any] = field(default_factory=dict)
     name: str = "pytorch"
+    tiny_decoder: nn.Module | None = None  # TAESD (sun_edge.taesd.TinyDecoder): ``decode`` uses it when set
 
     def __post_init__(self) -> None:
         self.sun_unet = SUNUNet(self.unet_module, self.adapter) if self.adapter is not None else None
-        for module in (self.unet_module, self.text_encoder, self.vae, self.adapter):
+        for module in (self.unet_module, self.text_encoder, self.vae, self.adapter, self.tiny_decoder):
             if module is not None:
                 if next(module.parameters()).dtype != self.dtype:
                     module.to(dtype=self.dtype)
@@ -48,14 +49,27 @@ class TorchRuntime:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.text_tokens = int(self.text_encoder.config.max_position_embeddings)
+        if self.tiny_decoder is not None:
+            got = (self.tiny_decoder.latent_channels, self.tiny_decoder.scale_factor)
+            if got != (self.latent_channels, self.vae_scale_factor):
+                raise SunEdgeError(f"TAESD decoder {self.tiny_decoder.source} takes {got[0]} latent channels and upsamples "
+                                   f"{got[1]}x; this model's VAE has {self.latent_channels} and {self.vae_scale_factor}x")
 
     @classmethod
     def load(cls, model: str, adapter: str | Path | None = None, *, loras: tuple[tuple[Path, float], ...] = (),
-             allow_pickle: bool = False, device: str = "cpu", precision: Precision = "fp32") -> "TorchRuntime":
-        """Load a model (registry name or path) and an adapter file (default: one shipped beside the model)."""
+             allow_pickle: bool = False, device: str = "cpu", precision: Precision = "fp32",
+             vae_decoder: str | None = None) -> "TorchRuntime":
+        """Load a model (registry name or path) and an adapter file (default: one shipped beside the model).
+
+        ``vae_decoder``: ``"full"`` (or None) decodes with the model's VAE; ``"tiny:PATH"`` with a TAESD
+        decoder (``sun_edge.taesd``), the full VAE staying available as ``decode_full``.
+        """
         from sun_edge.models import load_model
+        from sun_edge.taesd import load_tiny_decoder, parse_vae_decoder
         from sun_edge.weights import sha256_file
 
+        tiny_path = parse_vae_decoder(vae_decoder)
+        tiny = load_tiny_decoder(tiny_path) if tiny_path is not None else None  # before the (slower) model
         loaded = load_model(model, loras=loras, allow_pickle=allow_pickle)
         info: dict[str, Any] = {"model": loaded.name, "model_sha256": loaded.sha256}
         sun_adapter = None
@@ -66,7 +80,10 @@ class TorchRuntime:
                         adapter_parameters=sun_adapter.num_parameters())
         if loras:
             info["loras"] = [f"{Path(p).name}:{s:g}" for p, s in loras]
-        return cls(loaded.unet, loaded.text_encoder, loaded.vae, sun_adapter, device, DTYPES[precision], info)
+        if tiny_path is not None:
+            info["vae_decoder"] = f"tiny:{tiny_path.name}"
+        return cls(loaded.unet, loaded.text_encoder, loaded.vae, sun_adapter, device, DTYPES[precision], info,
+                   tiny_decoder=tiny)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
@@ -106,11 +123,31 @@ class TorchRuntime:
     def _plain(self, sample: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.unet_module(sample, t, emb, return_dict=False)[0]
 
-    @torch.no_grad()
+    @property
+    def decoder(self) -> Literal["full", "tiny"]:
+        """Which decoder ``decode`` uses."""
+        return "tiny" if self.tiny_decoder is not None else "full"
+
+    @property
+    def has_tiny_decoder(self) -> bool:
+        return self.tiny_decoder is not None
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Sampler latents [B,4,h,w] -> image [B,3,8h,8w] in [-1, 1] (the 1/scaling_factor is applied here)."""
+        """Sampler latents [B,4,h,w] -> image [B,3,8h,8w] in [-1, 1], with the TAESD decoder when one is loaded."""
+        return self.decode_tiny(latents) if self.tiny_decoder is not None else self.decode_full(latents)
+
+    @torch.no_grad()
+    def decode_full(self, latents: np.ndarray) -> np.ndarray:
+        """The model's VAE: latents [B,4,h,w] -> image [B,3,8h,8w] in [-1, 1] (the 1/scaling_factor is applied here)."""
         z = self._tensor(self._latents("latents", latents)) / self.scaling_factor
         return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def decode_tiny(self, latents: np.ndarray) -> np.ndarray:
+        """TAESD: latents [B,4,h,w] as the sampler returns them (no 1/0.18215) -> image [B,3,8h,8w] in [-1, 1]."""
+        if self.tiny_decoder is None:
+            raise SunEdgeError("this runtime has no TAESD decoder: load it with --vae-decoder tiny:PATH")
+        return self.tiny_decoder(self._tensor(self._latents("latents", latents))).float().cpu().numpy()
 
     @torch.no_grad()
     def encode(self, image: np.ndarray) -> np.ndarray:

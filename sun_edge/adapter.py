@@ -140,7 +140,11 @@ class SUNAttnProcessor:
     the tokens ([B, 2*77, D], positive first), so the UNet's own call signature is unchanged.
     Given only 77 tokens it computes the layer's plain attention (the CFG baseline). The
     processor is a plain object: its weights belong to the ``SUNAdapter`` that made it.
+    ``attend`` is the multi-head attention kernel ([B,N,C] query, [B,T,C] key and value ->
+    [B,N,C]); exporters substitute a layout of their own (Core ML's split einsum) in a subclass.
     """
+
+    attend = staticmethod(_attend)
 
     def __init__(self, layer: SUNLayer, num_tokens: int = TEXT_TOKENS) -> None:
         self.layer = layer
@@ -161,14 +165,14 @@ class SUNAttnProcessor:
             raise SunEdgeError(f"SUN attention expects {self.num_tokens} or {2 * self.num_tokens} text tokens, got {tokens}")
         c_pos = encoder_hidden_states[:, : self.num_tokens]  # [B, 77, D]
         query = attn.to_q(hidden_states)  # [B, N, C]
-        z = _attend(attn, query, attn.to_k(c_pos), attn.to_v(c_pos))  # Zp: [B, N, C]
+        z = self.attend(attn, query, attn.to_k(c_pos), attn.to_v(c_pos))  # Zp: [B, N, C]
         if tokens == 2 * self.num_tokens:
             layer = self.layer
             c_neg = encoder_hidden_states[:, self.num_tokens :]  # [B, 77, D]
-            z_neg = _attend(attn, query, layer.to_k_neg(c_neg), layer.to_v_neg(c_neg))  # [B, N, C]
+            z_neg = self.attend(attn, query, layer.to_k_neg(c_neg), layer.to_v_neg(c_neg))  # [B, N, C]
             out = z - attention_normalization(z_neg, z, layer.to_k_neg_alpha, layer.to_k_neg_beta)
             if layer.extra_positive:
-                z_extra = _attend(attn, query, layer.to_k_extra_pos(c_pos), layer.to_v_extra_pos(c_pos))
+                z_extra = self.attend(attn, query, layer.to_k_extra_pos(c_pos), layer.to_v_extra_pos(c_pos))
                 out = out + attention_normalization(z_extra, z, layer.to_k_extra_pos_alpha, layer.to_k_extra_pos_beta)
             z = out
 

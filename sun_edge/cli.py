@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="prompt to PNG (SUN 4 steps, or the CFG baseline)")
     _add_model_args(g)
+    g.add_argument("--bundle", type=Path, help="run an exported bundle (sun-edge export) instead of --model, with ONNX Runtime or Core ML as its target says; needs no PyTorch")
+    g.add_argument("--provider", default="cpu", help="with --bundle: ONNX Runtime execution provider: cpu (default), cuda, tensorrt, coreml")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="with a TensorRT bundle: run each UNet step without CUDA graph replay")
+    g.add_argument("--compute-units", default="all", help="with a Core ML bundle on macOS: all (default), cpu-and-gpu, cpu-and-ne, cpu-only")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--mode", choices=["sun", "cfg"], default="sun", help="sun: one UNet call per step; cfg: the classifier-free guidance baseline")
@@ -39,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spacing", help="trailing, leading or linspace (default: trailing for sun, linspace for cfg)")
     g.add_argument("--guidance", type=float, default=8.0, help="CFG scale for --mode cfg and for --compare's baseline (default 8)")
     g.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds; one image each")
-    g.add_argument("--height", type=int, default=512)
-    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--height", type=int, help="default: 512, or the bundle's size with --bundle")
+    g.add_argument("--width", type=int, help="default: 512, or the bundle's size with --bundle")
     g.add_argument("--noise", choices=["torch", "numpy"], default="torch", help="torch: same noise as diffusers for a seed (default); numpy: NumPy's generator")
     g.add_argument("--compare", action="store_true", help="write one image: SUN 4 steps beside CFG 25 steps, same seed, labelled")
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps")
+    g.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH",
+                   help="full: the model's VAE (default); tiny:PATH: a TAESD decoder (diffusers folder or .safetensors), faster")
     g.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path; several seeds add -s<seed> to the name")
 
     sub.add_parser("models", help="list the model registry and what is installed ($SUN_EDGE_HOME/models)")
@@ -53,7 +59,36 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("path", type=Path)
     a.add_argument("--model", help="check it against this model's UNet (default: SD1.5's architecture)")
     a.add_argument("--allow-pickle", action="store_true")
+    _add_export_parser(sub)
+    _add_build_engines_parser(sub)
+    _add_check_parsers(sub)
+    _add_train_parser(sub)
     return parser
+
+
+def _add_train_parser(sub: Any) -> None:
+    """The ``train`` subcommand (options defined with the training code)."""
+    from sun_edge.train.args import add_train_arguments
+
+    t = sub.add_parser("train", help="train a SUN adapter for a base model (CFG distillation + MSC; accelerate-ready)")
+    add_train_arguments(t)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sun_edge.train.args import config_from_args
+    from sun_edge.train.loop import train
+
+    result = train(config_from_args(args))
+    if not result.main_process:
+        return 0
+    if result.start_step:
+        print(f"resumed from step {result.start_step} ({result.checkpoint_dir})", file=sys.stderr)
+    if result.skipped_count:
+        print(f"warning: skipped {len(result.skipped)} unreadable image(s) ({result.skipped_count} draws), "
+              f"first: {next(iter(result.skipped))}", file=sys.stderr)
+    speed = f", {result.examples_per_second:.3g} examples/s" if result.history else ", nothing left to train"
+    print(f"wrote {result.output} after {result.steps} steps{speed}; checkpoints and logs in {result.checkpoint_dir}")
+    return 0
 
 
 def _version() -> str:
@@ -68,34 +103,94 @@ def _outputs(output: Path, seeds: Sequence[int]) -> list[Path]:
     return [output.with_name(f"{output.stem}-s{seed}{output.suffix}") for seed in seeds]
 
 
+def _bundle_settings(args: argparse.Namespace, bundle: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A bundle's SUN and CFG sampling defaults and its (static) image size; other sizes are refused."""
+    m = bundle.manifest
+    size = {"height": int(m.image["height"]), "width": int(m.image["width"])}
+    if (args.height or size["height"], args.width or size["width"]) != (size["height"], size["width"]):
+        raise SunEdgeError(f"bundle {bundle.path} makes {size['width']}x{size['height']} images (its graphs have static "
+                           f"shapes); drop --height/--width, or re-export it at the size you want")
+    sun = {"steps": m.scheduler["steps"], "scheduler": m.scheduler["name"], "spacing": m.scheduler["spacing"]}
+    cfg = {"steps": m.baseline["steps"], "scheduler": m.baseline["name"], "spacing": m.baseline["spacing"]}
+    return {**size, **(sun if args.mode == "sun" else cfg)}, {**size, **cfg}
+
+
+def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
+    """The bundle's runtime (ONNX Runtime, or Core ML for a coreml bundle) and its tokenizer; imports no torch."""
+    from sun_edge.runtimes import runtime_module
+
+    if args.adapter or args.lora:
+        raise SunEdgeError("--adapter and --lora are fused into a bundle at export; drop them with --bundle")
+    if (args.precision, args.device, args.vae_decoder) != ("fp32", "cpu", "full"):
+        raise SunEdgeError("--precision, --device and --vae-decoder apply to --model; a bundle's are fixed at export "
+                           "(choose the hardware with --provider)")
+    if bundle.manifest.target == "tensorrt":
+        if (args.provider, args.compute_units) != ("cpu", "all"):
+            raise SunEdgeError("--provider and --compute-units do not apply to a tensorrt bundle: its engines run on the GPU")
+        runtime = runtime_module("tensorrt").TensorRTRuntime(bundle, cuda_graphs=not args.no_cuda_graphs)
+        if args.mode == "cfg" or args.compare:
+            runtime.require_baseline()  # before sampling starts
+        return runtime, runtime.tokenizer()
+    coreml = bundle.manifest.target == "coreml"
+    if (args.provider != "cpu" and coreml) or (args.compute_units != "all" and not coreml):
+        raise SunEdgeError(f"{'--provider' if coreml else '--compute-units'} does not apply to a {bundle.manifest.target} "
+                           f"bundle; use {'--compute-units' if coreml else '--provider'}")
+    if coreml:
+        runtime = runtime_module("coreml").CoreMLRuntime(bundle, args.compute_units)
+    else:
+        runtime = runtime_module("onnxruntime").OnnxRuntime(bundle, args.provider)
+    if args.mode == "cfg" or args.compare:
+        runtime.require_baseline()  # before sampling starts
+    return runtime, runtime.tokenizer()
+
+
+def _torch_runtime(args: argparse.Namespace, mode: str) -> Any:
+    from sun_edge.models import parse_lora_arg
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    loras = tuple(parse_lora_arg(text) for text in args.lora)
+    runtime = TorchRuntime.load(args.model, args.adapter, loras=loras, allow_pickle=args.allow_pickle,
+                                device=args.device, precision=args.precision, vae_decoder=args.vae_decoder)
+    if mode == "sun" and runtime.adapter is None:
+        raise SunEdgeError(f"model {args.model} has no SUN adapter beside it: pass --adapter PATH, or --mode cfg")
+    return runtime
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sun_edge import imaging
-    from sun_edge.models import parse_lora_arg
     from sun_edge.pipeline import Pipeline, Settings
-    from sun_edge.runtimes.pytorch import TorchRuntime
 
     if args.output.suffix.lower() != ".png":
         raise SunEdgeError(f"output {args.output} must end in .png")
     if not args.output.parent.resolve().is_dir():
         raise SunEdgeError(f"output folder {args.output.parent} does not exist; create it first")
-    base = Settings() if args.mode == "sun" else Settings.baseline()
-    overrides: dict[str, Any] = {k: v for k, v in (("steps", args.steps), ("scheduler", args.scheduler), ("spacing", args.spacing)) if v is not None}
-    settings = Settings(**{**base.__dict__, **overrides, "mode": args.mode, "guidance": args.guidance,
-                           "height": args.height, "width": args.width, "noise": args.noise})
-    settings.validate()
-    loras = tuple(parse_lora_arg(text) for text in args.lora)
-    runtime = TorchRuntime.load(args.model, args.adapter, loras=loras, allow_pickle=args.allow_pickle,
-                                device=args.device, precision=args.precision)
-    if settings.mode == "sun" and runtime.adapter is None:
-        raise SunEdgeError(f"model {args.model} has no SUN adapter beside it: pass --adapter PATH, or --mode cfg")
-    info = runtime.info
-    if "adapter_parameters" in info:
-        print(f"adapter {info['adapter']}: {info['adapter_parameters'] / 1e6:.2f}M parameters", file=sys.stderr)
-    pipe = Pipeline(runtime)
+    bundle = None
+    if args.bundle is not None:  # --bundle runs without PyTorch: nothing on this path imports it
+        from sun_edge.bundle import open_bundle
 
-    runs = [settings] + ([Settings.baseline(guidance=args.guidance, height=args.height, width=args.width, noise=args.noise)] if args.compare else [])
+        bundle = open_bundle(args.bundle)
+        defaults, baseline_defaults = _bundle_settings(args, bundle)
+    else:
+        size = {"height": args.height or 512, "width": args.width or 512}
+        base, cfg = (Settings() if args.mode == "sun" else Settings.baseline()), Settings.baseline()
+        defaults = {**size, "steps": base.steps, "scheduler": base.scheduler, "spacing": base.spacing}
+        baseline_defaults = {**size, "steps": cfg.steps, "scheduler": cfg.scheduler, "spacing": cfg.spacing}
+    overrides: dict[str, Any] = {k: v for k, v in (("steps", args.steps), ("scheduler", args.scheduler), ("spacing", args.spacing)) if v is not None}
+    settings = Settings(**{**defaults, **overrides, "mode": args.mode, "guidance": args.guidance, "noise": args.noise})
+    settings.validate()
+    if bundle is not None:
+        runtime, tokenizer = _bundle_runtime(args, bundle)
+        pipe = Pipeline(runtime, tokenizer)
+    else:
+        runtime = _torch_runtime(args, settings.mode)
+        pipe = Pipeline(runtime)
+    info = runtime.info
+    if info.get("adapter_parameters"):
+        print(f"adapter {info['adapter']}: {info['adapter_parameters'] / 1e6:.2f}M parameters", file=sys.stderr)
+
+    runs = [settings] + ([Settings(**baseline_defaults, mode="cfg", guidance=args.guidance, noise=args.noise)] if args.compare else [])
     if args.compare:  # the captions compare times: take one-time set-up out of both
         for s in runs:
             pipe.warm_up(s)
@@ -171,7 +266,178 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "models": cmd_models, "adapter": cmd_adapter}
+def _add_export_parser(sub: Any) -> None:
+    """The ``export`` subcommand: a model with its adapter fused in, as a bundle for a target runtime."""
+    from sun_edge.export import TARGETS
+
+    e = sub.add_parser("export", help="export a model with its SUN adapter fused in as a bundle (graphs, tokenizer, manifest)")
+    e.add_argument("--target", required=True, help=f"what to export for: {', '.join(TARGETS)}")
+    _add_model_args(e)
+    e.add_argument("--precision", choices=["fp32", "fp16"],
+                   help="fp16 keeps softmax, normalisation and the adapter's norm ratio in fp32; the VAE stays fp32 "
+                        "(default: fp32; fp16 for coreml and tensorrt)")
+    e.add_argument("--height", type=int, default=512, help="image height the graphs are made for (static; default 512)")
+    e.add_argument("--width", type=int, default=512, help="image width the graphs are made for (static; default 512)")
+    e.add_argument("--with-baseline", action="store_true", help="also export the UNet without the adapter (batch 1 or 2) for --mode cfg")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
+    e.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
+    c = e.add_argument_group("coreml target")
+    c.add_argument("--attention", help="original (GPU; default) or split-einsum (Neural Engine)")
+    c.add_argument("--deployment-target", help="minimum OS: macOS13 (default), macOS14, macOS15, iOS16, iOS17, iOS18")
+    c.add_argument("--quantize-nbits", type=int, help="palettize UNet and text encoder weights to 8, 6, 4 or 3 bits (k-means)")
+    c.add_argument("--quantize-granularity", help="per-tensor (default) or per-grouped-channel (macOS15/iOS18)")
+
+
+def _add_build_engines_parser(sub: Any) -> None:
+    """The ``build-engines`` subcommand: TensorRT engines for a tensorrt bundle, on the GPU that will serve it."""
+    from sun_edge.export.tensorrt_rules import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB
+
+    b = sub.add_parser("build-engines", help="build TensorRT engines for a --target tensorrt bundle on this machine's GPU")
+    b.add_argument("--bundle", type=Path, required=True, help="the bundle directory (sun-edge export --target tensorrt)")
+    b.add_argument("--opt-level", type=int, default=DEFAULT_OPT_LEVEL, choices=range(6), metavar="0-5",
+                   help=f"TensorRT builder optimisation level (default {DEFAULT_OPT_LEVEL})")
+    b.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file: read if present, written after each build")
+    b.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB,
+                   help=f"builder workspace memory pool limit in GiB (default {DEFAULT_WORKSPACE_GB:g})")
+    b.add_argument("--force", action="store_true", help="rebuild engines that are already current")
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from sun_edge.export.tensorrt import build_engines
+
+    manifest = build_engines(args.bundle, opt_level=args.opt_level, timing_cache=args.timing_cache,
+                             workspace_gb=args.workspace_gb, force=args.force)
+    for name, engine in manifest.extra["tensorrt"]["engines"].items():
+        print(f"{name}: {engine['file']} ({engine['gpu']}, sm{engine['sm']}, TensorRT {engine['tensorrt']})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sun_edge.export import ExportOptions, export
+    from sun_edge.models import parse_lora_arg
+
+    coreml = {k: v for k, v in (("attention", args.attention), ("deployment_target", args.deployment_target),
+                                ("quantize_nbits", args.quantize_nbits), ("quantize_granularity", args.quantize_granularity))
+              if v is not None}
+    if args.target == "coreml":
+        from sun_edge.export.coreml import CoreMLOptions
+
+        options: ExportOptions = CoreMLOptions(precision=args.precision or "fp16", height=args.height, width=args.width,
+                                               with_baseline=args.with_baseline, **coreml)
+    elif coreml:
+        raise SunEdgeError(f"--{next(iter(coreml)).replace('_', '-')} applies to --target coreml only")
+    else:
+        precision = args.precision or ("fp16" if args.target == "tensorrt" else "fp32")
+        options = ExportOptions(precision=precision, height=args.height, width=args.width,
+                                with_baseline=args.with_baseline)
+    loras = tuple(parse_lora_arg(text) for text in args.lora)
+    path = export(args.target, args.model, args.output, adapter=args.adapter, loras=loras, allow_pickle=args.allow_pickle,
+                  options=options, force=args.force, parity=_export_parity(args.target))
+    print(f"wrote {path}")
+    return 0
+
+
+def _export_parity(target: str) -> Any:
+    """The check every export runs on its complete bundle before it lands (a bad export raises)."""
+    if target == "coreml":
+        from sun_edge.export.coreml import coreml_parity
+
+        return coreml_parity
+    from sun_edge.parity import export_parity
+
+    return export_parity
+
+
+def _add_check_parsers(sub: Any) -> None:
+    """The ``parity`` and ``bench`` subcommands."""
+    p = sub.add_parser("parity", help="re-check a bundle against the PyTorch reference: PSNR per component on real inputs")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="check seeds 0..N-1 (default 1)")
+    p.add_argument("--model", help="reference model (default: the path recorded in the bundle's manifest)")
+    p.add_argument("--adapter", help="reference adapter (default: the path recorded in the bundle's manifest)")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRAs merged at export (default: as recorded)")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider (default: cpu)")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
+
+    b = sub.add_parser("bench", help="time SUN 4 steps against CFG 25 steps: UNet steps, whole images, decode, memory")
+    source = b.add_mutually_exclusive_group()
+    source.add_argument("--bundle", type=Path, help="an exported bundle, run with ONNX Runtime")
+    source.add_argument("--model", help=f"a model for the PyTorch reference (default: {DEFAULT_MODEL})")
+    b.add_argument("--adapter", help="with --model: SUN adapter (default: the one beside the model)")
+    b.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH", help="with --model: also time a TAESD decoder")
+    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="with --model (default: fp32)")
+    b.add_argument("--device", default="cpu", help="with --model: torch device (default: cpu)")
+    b.add_argument("--provider", default="cpu", help="with --bundle: ONNX Runtime execution provider (default: cpu)")
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats per form, after one warm-up (default 3)")
+    b.add_argument("--size", type=int, help="image height = width (default: the bundle's, else 512)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--steps-only", action="store_true", help="time the UNet steps and decoders only, not whole images")
+    b.add_argument("--json", type=Path, help="also write every figure (and the machine) to this file")
+
+
+def _check_json_path(path: Path | None) -> None:
+    if path is not None and not path.parent.resolve().is_dir():
+        raise SunEdgeError(f"folder {path.parent} for --json does not exist; create it first")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from sun_edge.models import parse_lora_arg
+    from sun_edge.parity import check_bundle
+
+    _check_json_path(args.json)
+    if args.seeds < 1:
+        raise SunEdgeError(f"--seeds must be at least 1, got {args.seeds}")
+    loras = [parse_lora_arg(text) for text in args.lora] if args.lora else None
+    check = check_bundle(args.bundle, seeds=range(args.seeds), model=args.model, adapter=args.adapter, loras=loras,
+                         allow_pickle=args.allow_pickle, provider=args.provider)
+    for problem in check.mismatches:
+        print(f"warning: the reference is not what {args.bundle} was exported from: {problem}", file=sys.stderr)
+    print(check.report.table())
+    if args.json:
+        _write_json(args.json, check.to_dict())
+    return 0 if check.report.passed else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sun_edge.bench import run_bench
+
+    _check_json_path(args.json)
+    info: dict[str, Any] = {}
+    size = (args.size, args.size) if args.size else (512, 512)
+    if args.bundle:
+        from sun_edge.bundle import open_bundle
+        from sun_edge.parity import open_bundle_runtime
+
+        if args.adapter or args.vae_decoder != "full":
+            raise SunEdgeError("--adapter and --vae-decoder apply to --model; a bundle has its graphs built in")
+        manifest = open_bundle(args.bundle).manifest
+        size = size if args.size else (int(manifest.image["height"]), int(manifest.image["width"]))
+        runtime = open_bundle_runtime(args.bundle, args.provider)
+        info.update(bundle=str(args.bundle), target=manifest.target, precision=manifest.precision, provider=args.provider)
+    else:
+        from sun_edge.runtimes.pytorch import TorchRuntime
+
+        runtime = TorchRuntime.load(args.model or DEFAULT_MODEL, args.adapter, device=args.device,
+                                    precision=args.precision, vae_decoder=args.vae_decoder)
+        info.update(precision=args.precision, device=args.device, vae_decoder=args.vae_decoder)
+    result = run_bench(runtime, repeats=args.repeats, height=size[0], width=size[1], steps_only=args.steps_only,
+                       seed=args.seed, info=info)
+    print(result.table())
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "models": cmd_models, "adapter": cmd_adapter, "parity": cmd_parity, "bench": cmd_bench,
+            "train": cmd_train, "export": cmd_export, "build-engines": cmd_build_engines}
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

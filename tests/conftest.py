@@ -44,3 +44,61 @@ def home_env(tiny_home, monkeypatch) -> Path:
     """SUN_EDGE_HOME pointed at the session's tiny home."""
     monkeypatch.setenv("SUN_EDGE_HOME", str(tiny_home))
     return tiny_home
+
+
+# --- ONNX bundles of the tiny model, exported once per session (tests/test_export_onnx.py, test_onnxruntime.py)
+
+ONNX_SIZE = 64  # image side of the test bundles: latents [1, 4, 8, 8]
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_home):
+    """The PyTorch reference runtime of the tiny model (float32), loaded as ``export`` loads it."""
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    return TorchRuntime.load(str(tiny_home / "models" / "tiny-random"))
+
+
+@pytest.fixture(scope="session")
+def _onnx_exports(tmp_path_factory, tiny_home):
+    """Start both test exports at once, each through the CLI in its own process.
+
+    The dynamo exporter is single-threaded Python, so two processes take about the wall time of one.
+    """
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("onnx")
+    env = {**os.environ, "SUN_EDGE_HOME": str(tiny_home), "HF_HUB_OFFLINE": "1"}
+    jobs = {}
+    for precision in ("fp32", "fp16"):
+        (root / precision).mkdir()
+        out, log = root / precision / "bundle", root / f"{precision}.log"
+        cmd = [sys.executable, "-m", "sun_edge.cli", "export", "--target", "onnx", "--precision", precision,
+               "--height", str(ONNX_SIZE), "--width", str(ONNX_SIZE), "--with-baseline", "-o", str(out)]
+        with log.open("w") as stream:
+            jobs[precision] = (out, log, subprocess.Popen(cmd, env=env, stdout=stream, stderr=subprocess.STDOUT))
+    yield jobs
+    for _, _, process in jobs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _exported(jobs, precision: str) -> Path:
+    out, log, process = jobs[precision]
+    if process.wait(timeout=900):
+        pytest.fail(f"sun-edge export --precision {precision} failed:\n{log.read_text()[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32_bundle(_onnx_exports) -> Path:
+    """The tiny model exported to ONNX in fp32 at 64x64, with the CFG baseline UNet (do not modify: copy first)."""
+    return _exported(_onnx_exports, "fp32")
+
+
+@pytest.fixture(scope="session")
+def onnx_fp16_bundle(_onnx_exports) -> Path:
+    """The tiny model exported to ONNX in fp16 at 64x64, with the CFG baseline UNet (do not modify: copy first)."""
+    return _exported(_onnx_exports, "fp16")

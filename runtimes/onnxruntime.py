@@ -1,0 +1,181 @@
+"""The ONNX Runtime runtime: the runtime protocol over an ONNX bundle's graphs, without PyTorch.
+
+    from sun_edge import Pipeline
+    from sun_edge.runtimes.onnxruntime import OnnxRuntime
+
+    runtime = OnnxRuntime.open("toonyou-onnx", provider="cpu")
+    images = Pipeline(runtime, runtime.tokenizer()).generate("a cat", "blurry")
+
+Sessions are created per component on first use, with the execution provider chosen by name
+(``PROVIDERS``). Each session's declared inputs and outputs are checked against the manifest
+when it is created, and every input against the manifest on every call (name, dtype, shape),
+so a bundle whose manifest was edited, or a caller passing the wrong array, gets one precise
+line instead of an ONNX Runtime stack trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from sun_edge.bundle import MANIFEST, Bundle, Component, Manifest, TensorSpec, open_bundle
+from sun_edge.errors import SunEdgeError
+from sun_edge.runtimes import check_input
+from sun_edge.tokenizer import CLIPTokenizer
+
+PROVIDERS = MappingProxyType({
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+})
+TARGETS = ("onnx",)  # the bundle targets this runtime runs
+_ORT_DTYPES = MappingProxyType({"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+                                "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"})
+
+
+def execution_providers(provider: str) -> list[str]:
+    """ONNX Runtime's provider list for a provider name, CPU as the fallback; clear errors if unavailable."""
+    if provider not in PROVIDERS:
+        raise SunEdgeError(f"unknown provider {provider!r}; valid providers: {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    wanted = PROVIDERS[provider]
+    if wanted not in available:
+        ours = {v: k for k, v in PROVIDERS.items()}
+        names = ", ".join(f"{ours[p]} ({p})" if p in ours else p for p in available)
+        raise SunEdgeError(f"provider {provider} ({wanted}) is not available in this onnxruntime {ort.__version__}; "
+                           f"available: {names}")
+    return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
+
+
+def _describe(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"{s.name} {s.dtype} [{','.join('?' if d < 0 else str(d) for d in s.shape)}]" for s in specs)
+
+
+def _declared(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    """What a session says its inputs or outputs are, as manifest specs (free dimensions -1)."""
+    return tuple(TensorSpec(a.name, _ORT_DTYPES.get(a.type, a.type), tuple(d if isinstance(d, int) else -1 for d in a.shape))
+                 for a in args)
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+class OnnxRuntime:
+    """Runtime protocol (``encode_text``, ``unet``, ``unet_plain``, ``decode``, ``encode``) over an ONNX bundle."""
+
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, provider: str = "cpu") -> None:
+        manifest = bundle.manifest
+        if manifest.target not in TARGETS:
+            raise SunEdgeError(f"bundle {bundle.path} is a {manifest.target} bundle; the onnxruntime runtime runs "
+                               f"{', '.join(TARGETS)} bundles")
+        self.bundle, self.provider = bundle, provider
+        self._providers = execution_providers(provider)  # before any session: a bad name fails at once
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self.latent_channels = int(manifest.latent["channels"])
+        self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
+        self.scaling_factor = float(manifest.latent["scaling_factor"])
+        self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
+        self.info = self._info(manifest)
+
+    @classmethod
+    def open(cls, path: Path | str, provider: str = "cpu") -> OnnxRuntime:
+        """Open and check a bundle directory (sessions are created on first use)."""
+        return cls(open_bundle(path), provider)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    def tokenizer(self) -> CLIPTokenizer:
+        """The tokenizer shipped in the bundle."""
+        tok = self.manifest.tokenizer
+        return CLIPTokenizer.from_files(self.bundle.path / tok["vocab"], self.bundle.path / tok["merges"])
+
+    def _info(self, m: Manifest) -> dict[str, Any]:
+        info: dict[str, Any] = {"model": m.model.get("name"), "model_sha256": m.model.get("sha256"),
+                                "bundle": str(self.bundle.path), "provider": self.provider, "precision": m.precision}
+        if m.model.get("loras"):
+            info["loras"] = [f"{lora['file']}:{float(lora['scale']):g}" for lora in m.model["loras"]]
+        if m.adapter:
+            info.update(adapter=m.adapter.get("name"), adapter_sha256=m.adapter.get("sha256"),
+                        adapter_parameters=m.adapter.get("parameters"))
+        return info
+
+    def session(self, component: str) -> ort.InferenceSession:
+        """The component's session, created on first use; its declared I/O must match the manifest."""
+        if component in self._sessions:
+            return self._sessions[component]
+        comp, path = self._component(component), self.bundle.file(component)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: node placement notes are not the user's concern
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
+        except Exception as e:  # onnxruntime raises its own pybind exception types
+            raise SunEdgeError(f"cannot load {path} with onnxruntime ({self.provider}): {_first_line(e)}") from e
+        for what, have, want in (("inputs", _declared(session.get_inputs()), comp.inputs),
+                                 ("outputs", _declared(session.get_outputs()), comp.outputs)):
+            if have != want:
+                raise SunEdgeError(f"bundle {self.bundle.path}: {comp.file} declares {what} {_describe(have)}, but "
+                                   f"{MANIFEST} says {_describe(want)}; the manifest was edited or belongs to other "
+                                   "graphs: re-export the bundle")
+        self._sessions[component] = session
+        return session
+
+    def _component(self, component: str) -> Component:
+        self.bundle.file(component)  # raises naming the components the bundle has
+        return self.manifest.components[component]
+
+    def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
+        """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""
+        comp = self._component(component)
+        feeds = {}
+        for spec, array in zip(comp.inputs, arrays, strict=True):
+            shape = [None if d < 0 else d for d in spec.shape]
+            feeds[spec.name] = check_input(f"{component} input {spec.name}", array, shape, np.dtype(spec.dtype))
+        session = self.session(component)
+        try:
+            return session.run([comp.outputs[0].name], feeds)[0]
+        except Exception as e:
+            raise SunEdgeError(f"onnxruntime failed running {comp.file}: {_first_line(e)}") from e
+
+    @staticmethod
+    def _timestep(t: np.ndarray | float | int) -> np.ndarray:
+        return np.asarray(t, dtype=np.float32).reshape(-1)  # [1]
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [1,77] int64 -> last hidden state [1,77,D] float32."""
+        return self.run("text_encoder", ids)
+
+    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+        """One SUN forward (adapter fused): eps [1,4,h,w]."""
+        return self.run("unet", latents, self._timestep(t), pos, neg)
+
+    def require_baseline(self) -> None:
+        """Raise unless the bundle has the UNet without the adapter (exported with ``--with-baseline``)."""
+        if "unet_plain" not in self.manifest.components:
+            raise SunEdgeError(f"bundle {self.bundle.path} has no UNet without the adapter, which CFG mode needs; "
+                               "re-export it with --with-baseline")
+
+    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
+        """The UNet without the adapter, batch 1 or 2 (the CFG baseline): eps [B,4,h,w]."""
+        self.require_baseline()
+        batch = check_input("unet_plain input sample", latents, (None, self.latent_channels, None, None), np.float32).shape[0]
+        check_input("unet_plain input encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
+        return self.run("unet_plain", latents, self._timestep(t), emb)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1] (1/scaling_factor inside the graph)."""
+        return self.run("vae_decoder", latents)
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """Image [1,3,H,W] in [-1, 1] -> scaled latents [1,4,H/8,W/8] (the posterior mean)."""
+        return self.run("vae_encoder", image)

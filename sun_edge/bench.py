@@ -1,0 +1,189 @@
+"""Benchmark one runtime: UNet steps and whole images, SUN against the CFG baseline, side by side.
+
+Everything is measured in one process and interleaved repeat by repeat (each repeat runs every
+form once, in the same order), so all forms see the same machine state; each form gets one
+untimed warm-up call first. Figures are medians over the repeats; ratios are computed from them.
+
+Step forms, on real inputs (the tokenized prompts, the initial noise of a seed, t = 999):
+``text_encode`` (batch 1), ``unet_sun_b1`` (SUN, adapter inside, batch 1), ``unet_plain_b1``
+(the same UNet without the adapter, batch 1), ``unet_cfg_b2`` (without the adapter, the CFG
+batch of 2), ``vae_decode`` (the full VAE) and ``vae_decode_tiny`` (TAESD, when loaded).
+
+Whole images (wall time of ``Pipeline.generate``: text encoding, sampling, decoding, to pixels):
+``sun4`` (SUN, 4 DDIM steps, full VAE), ``cfg25`` (``Settings.baseline()``: 25 DPM-Solver++ steps,
+CFG 8, full VAE) and ``sun4_tiny`` (SUN 4 steps with TAESD, when loaded).
+
+Memory: the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) when the
+benchmark starts (after the caller loaded the runtime), after the warm-up (every graph has run
+once: runtimes that open sessions lazily have loaded them by then) and at the end: a high-water
+mark of the whole process (Python, libraries, weights, activations), so each includes the one before.
+NumPy only: the runtime brings its own library.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from sun_edge.errors import SunEdgeError
+from sun_edge.parity import DEFAULT_NEGATIVE, DEFAULT_PROMPT, full_decoder, has_component
+from sun_edge.pipeline import Pipeline, Runtime, Settings
+
+RATIOS = MappingProxyType({  # name: (numerator, denominator, what it says), all medians
+    "sun_over_plain": ("unet_sun_b1", "unet_plain_b1", "SUN step / plain batch-1 step"),
+    "cfg_batch2_over_plain": ("unet_cfg_b2", "unet_plain_b1", "CFG batch-2 step / plain batch-1 step"),
+    "end_to_end_cfg25_over_sun4": ("cfg25", "sun4", "image time, CFG 25 steps / SUN 4 steps"),
+    "decode_share_of_sun4": ("vae_decode", "sun4", "VAE decode / SUN 4-step image"),
+    "end_to_end_cfg25_full_over_sun4_tiny": ("cfg25", "sun4_tiny", "image time, CFG 25 + VAE / SUN 4 + TAESD"),
+    "tiny_decode_speedup": ("vae_decode", "vae_decode_tiny", "VAE decode / TAESD decode"),
+})
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU count, platform, and the versions/threads of the inference libraries already loaded."""
+    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                            "machine": platform.machine(), "python": platform.python_version()}
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    if "onnxruntime" in sys.modules:
+        info["onnxruntime"] = sys.modules["onnxruntime"].__version__
+    return info
+
+
+class _WithDecoder:
+    """A runtime seen through a chosen decoder: what ``Pipeline`` calls ``decode``."""
+
+    def __init__(self, runtime: Any, decode: Callable[[np.ndarray], np.ndarray]) -> None:
+        self._runtime, self.decode = runtime, decode
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runtime, name)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Per-repeat seconds of every form, UNet calls per image, and where it ran."""
+
+    seconds: dict[str, list[float]]  # form -> one figure per repeat
+    unet_calls: dict[str, int]  # image form -> UNet calls per image
+    steps: dict[str, int]  # image form -> sampling steps
+    info: dict[str, Any]  # runtime, size, repeats, machine, memory
+
+    def medians(self) -> dict[str, float]:
+        return {form: statistics.median(v) for form, v in self.seconds.items()}
+
+    def ratios(self) -> dict[str, float]:
+        """Ratios of medians; those whose forms were not measured are left out."""
+        med = self.medians()
+        out = {}
+        for name, (a, b, _) in RATIOS.items():
+            if a in med and b in med:
+                out[name] = med[a] / med[b]
+            if name == "cfg_batch2_over_plain" and "unet_cfg_b2" in med and "unet_sun_b1" in med:
+                cfg, sun = Settings.baseline().steps, Settings().steps  # 25 batch-2 calls against 4 SUN calls
+                out["unet_time_cfg25_over_sun4"] = cfg * med["unet_cfg_b2"] / (sun * med["unet_sun_b1"])
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.info, "median_seconds": self.medians(), "seconds": self.seconds,
+                "unet_calls": self.unet_calls, "steps": self.steps, "ratios": self.ratios()}
+
+    def table(self) -> str:
+        """Forms with median/min/max seconds, then the ratios and the memory, as plain aligned text."""
+        med = self.medians()
+        lines = [f"{self.info['runtime']} at {self.info['height']}x{self.info['width']}, "
+                 f"{self.info['repeats']} repeat(s), median after one warm-up",
+                 f"{'form':<16}{'median s':>10}{'min s':>10}{'max s':>10}  note"]
+        for form, values in self.seconds.items():
+            note = f"{self.unet_calls[form]} UNet calls" if form in self.unet_calls else "per call"
+            lines.append(f"{form:<16}{med[form]:>10.4f}{min(values):>10.4f}{max(values):>10.4f}  {note}")
+        labels = {name: what for name, (_, _, what) in RATIOS.items()}
+        labels["unet_time_cfg25_over_sun4"] = "UNet time, CFG 25 steps / SUN 4 steps"
+        for name, value in self.ratios().items():
+            lines.append(f"{labels[name]:<44}{value:>8.3f}  ({name})")
+        memory = self.info["memory"]
+        lines.append(f"peak RSS {memory['peak_rss_mib_after_load']:.0f} MiB after loading, "
+                     f"{memory['peak_rss_mib_after_warmup']:.0f} MiB after one call of each form, "
+                     f"{memory['peak_rss_mib_after_runs']:.0f} MiB after the runs (whole process)")
+        return "\n".join(lines)
+
+
+def run_bench(runtime: Runtime, *, repeats: int = 3, height: int = 512, width: int = 512, steps_only: bool = False,
+              seed: int = 0, prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE,
+              info: dict[str, Any] | None = None) -> BenchResult:
+    """Time the step forms and (unless ``steps_only``) the whole images, interleaved (module docstring)."""
+    if repeats < 1:
+        raise SunEdgeError(f"repeats must be at least 1, got {repeats}")
+    rss_loaded = peak_rss_mib()
+    sun, cfg = Settings(height=height, width=width), Settings.baseline(height=height, width=width)
+    sun.validate()
+    has_sun = has_component(runtime, "unet")
+    plain = runtime.unet_plain if has_component(runtime, "unet_plain") else None
+    tiny = runtime.decode_tiny if has_component(runtime, "vae_decoder_tiny") else None
+    full = full_decoder(runtime)
+    pipe = Pipeline(runtime)
+    ids = pipe.tokenizer.encode(prompt)  # [1, 77]
+    pos, neg = pipe.embed(prompt), pipe.embed(negative_prompt)  # [1, 77, D] each
+    x = pipe.initial_latents(seed, sun)  # [1, 4, h, w]
+    t = np.array([999.0], np.float32)
+    x2, context = np.concatenate([x, x]), np.concatenate([neg, pos])  # [2, 4, h, w], [2, 77, D]
+    steps: dict[str, Callable[[], Any]] = {"text_encode": lambda: runtime.encode_text(ids)}
+    if has_sun:
+        steps["unet_sun_b1"] = lambda: runtime.unet(x, t, pos, neg)
+    if plain is not None:
+        steps["unet_plain_b1"] = lambda: plain(x, t, pos)
+        steps["unet_cfg_b2"] = lambda: plain(x2, t, context)
+    steps["vae_decode"] = lambda: full(x)
+    if tiny is not None:
+        steps["vae_decode_tiny"] = lambda: tiny(x)
+
+    images: dict[str, tuple[Pipeline, Settings]] = {}
+    if not steps_only:
+        if has_sun:
+            images["sun4"] = (Pipeline(_WithDecoder(runtime, full), pipe.tokenizer), sun)
+        if plain is not None:
+            images["cfg25"] = (Pipeline(_WithDecoder(runtime, full), pipe.tokenizer), cfg)
+        if has_sun and tiny is not None:
+            images["sun4_tiny"] = (Pipeline(_WithDecoder(runtime, tiny), pipe.tokenizer), sun)
+
+    for fn in steps.values():  # warm-up: also warms every shape the images use (and opens lazy sessions)
+        fn()
+    rss_warm = peak_rss_mib()
+    seconds: dict[str, list[float]] = {form: [] for form in [*steps, *images]}
+    calls: dict[str, int] = {}
+    for _ in range(repeats):
+        for form, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            seconds[form].append(time.perf_counter() - start)
+        for form, (image_pipe, settings) in images.items():
+            start = time.perf_counter()
+            result = image_pipe.generate(prompt, negative_prompt, seeds=[seed], settings=settings)[0]
+            seconds[form].append(time.perf_counter() - start)
+            calls[form] = result.unet_calls
+    about = {"runtime": getattr(runtime, "name", "?"), "model": getattr(runtime, "info", {}).get("model"),
+             "height": height, "width": width, "repeats": repeats, "seed": seed, "steps_only": steps_only,
+             **(info or {}), "machine": machine_info(),
+             "memory": {"peak_rss_mib_after_load": rss_loaded, "peak_rss_mib_after_warmup": rss_warm,
+                        "peak_rss_mib_after_runs": peak_rss_mib(),
+                        "covers": "peak resident set size of the whole process (ru_maxrss): Python, libraries, "
+                                  "weights, activations; a high-water mark since the process started"}}
+    return BenchResult(seconds, calls, {form: s.steps for form, (_, s) in images.items()}, about)

@@ -1,0 +1,198 @@
+"""``sun-edge bench`` on the tiny model: structure, UNet call counts and ratio arithmetic (never wall-clock times)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from sun_edge.adapter import SUNAdapter
+from sun_edge.bench import RATIOS, BenchResult, run_bench
+from sun_edge.cli import main
+from sun_edge.errors import SunEdgeError
+from sun_edge.runtimes.pytorch import TorchRuntime
+
+SMALL = ["--size", "64", "--repeats", "1"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_ratios(data: dict) -> None:
+    """Every ratio equals the one computed here from the medians, which are the medians of the per-repeat figures."""
+    med = data["median_seconds"]
+    for form, values in data["seconds"].items():
+        assert med[form] == pytest.approx(statistics.median(values))
+    for name, (a, b, _) in RATIOS.items():
+        if a in med and b in med:
+            assert data["ratios"][name] == pytest.approx(med[a] / med[b])
+        else:
+            assert name not in data["ratios"]
+    want = 25 * med["unet_cfg_b2"] / (4 * med["unet_sun_b1"])
+    assert data["ratios"]["unet_time_cfg25_over_sun4"] == pytest.approx(want)
+
+
+class Counting:
+    """Counts UNet calls (and the batch they were made with) on the way to a runtime."""
+
+    def __init__(self, runtime: TorchRuntime) -> None:
+        self._runtime, self.calls = runtime, []
+
+    def unet(self, latents, t, pos, neg):
+        self.calls.append(("sun", latents.shape[0]))
+        return self._runtime.unet(latents, t, pos, neg)
+
+    def unet_plain(self, latents, t, emb):
+        self.calls.append(("plain", latents.shape[0]))
+        return self._runtime.unet_plain(latents, t, emb)
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+
+def test_bench_cli_writes_every_figure(home_env, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, err = run(capsys, "bench", *SMALL, "--json", str(out))
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["runtime"] == "pytorch" and data["model"] == "tiny-random"
+    assert (data["height"], data["width"], data["repeats"]) == (64, 64, 1)
+    assert set(data["seconds"]) == {"text_encode", "unet_sun_b1", "unet_plain_b1", "unet_cfg_b2", "vae_decode", "sun4", "cfg25"}
+    assert all(len(v) == 1 and v[0] > 0 for v in data["seconds"].values())
+    assert data["unet_calls"] == {"sun4": 4, "cfg25": 25} and data["steps"] == {"sun4": 4, "cfg25": 25}
+    assert set(data["ratios"]) == {"sun_over_plain", "cfg_batch2_over_plain", "unet_time_cfg25_over_sun4",
+                                   "end_to_end_cfg25_over_sun4", "decode_share_of_sun4"}
+    check_ratios(data)
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch_threads"] >= 1
+    assert "onnxruntime" not in data["machine"] or data["machine"]["onnxruntime"]
+    memory = data["memory"]
+    assert 0 < memory["peak_rss_mib_after_load"] <= memory["peak_rss_mib_after_warmup"] <= memory["peak_rss_mib_after_runs"]
+    lines = stdout.splitlines()
+    assert lines[0].startswith("pytorch at 64x64, 1 repeat(s)")
+    assert lines[1].split() == ["form", "median", "s", "min", "s", "max", "s", "note"]
+    assert any(line.startswith("cfg25") and line.endswith("25 UNet calls") for line in lines)
+    assert any(line.startswith("sun4") and line.endswith("4 UNet calls") for line in lines)
+    assert any("(unet_time_cfg25_over_sun4)" in line for line in lines)
+    assert lines[-2].startswith("peak RSS") and lines[-1] == f"wrote {out}"
+
+
+def test_steps_only(home_env, tmp_path, capsys):
+    out = tmp_path / "steps.json"
+    code, stdout, err = run(capsys, "bench", *SMALL, "--steps-only", "--json", str(out))
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert "sun4" not in data["seconds"] and "cfg25" not in data["seconds"] and data["unet_calls"] == {}
+    assert set(data["ratios"]) == {"sun_over_plain", "cfg_batch2_over_plain", "unet_time_cfg25_over_sun4"}
+    check_ratios(data)
+
+
+def test_with_the_tiny_decoder(home_env, tmp_path, capsys):
+    from test_tiny_decoder import small_taesd
+
+    taesd = tmp_path / "taesd"
+    small_taesd().save_pretrained(taesd)
+    out = tmp_path / "tiny.json"
+    code, _, err = run(capsys, "bench", *SMALL, "--vae-decoder", f"tiny:{taesd}", "--json", str(out))
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["unet_calls"] == {"sun4": 4, "cfg25": 25, "sun4_tiny": 4}
+    assert {"vae_decode", "vae_decode_tiny"} <= set(data["seconds"])
+    assert {"end_to_end_cfg25_full_over_sun4_tiny", "tiny_decode_speedup"} <= set(data["ratios"])
+    check_ratios(data)
+
+
+def test_run_bench_calls_the_unet_as_it_says(tiny):
+    """Per repeat: one call of each step form, 4 SUN calls (batch 1) per SUN image, 25 CFG calls (batch 2) per CFG image."""
+    parts = copy.deepcopy(tiny)
+    runtime = Counting(TorchRuntime(parts["unet"], parts["text_encoder"], parts["vae"],
+                                    SUNAdapter.from_unet(parts["unet"]).randomize_(1)))
+    result = run_bench(runtime, repeats=2, height=64, width=64)
+    assert isinstance(result, BenchResult)
+    warmup = [("sun", 1), ("plain", 1), ("plain", 2)]
+    repeat = [("sun", 1), ("plain", 1), ("plain", 2)] + [("sun", 1)] * 4 + [("plain", 2)] * 25
+    assert runtime.calls == warmup + repeat * 2
+    assert result.unet_calls == {"sun4": 4, "cfg25": 25}
+    assert all(len(v) == 2 for v in result.seconds.values())
+    check_ratios(result.to_dict())
+    assert "sun4" in result.table()
+
+
+def test_runtime_without_the_plain_unet(tiny):
+    parts = copy.deepcopy(tiny)
+    real = TorchRuntime(parts["unet"], parts["text_encoder"], parts["vae"], SUNAdapter.from_unet(parts["unet"]).randomize_(1))
+
+    class SunOnly:
+        name, info, latent_channels, vae_scale_factor = "sun-only", {}, 4, 8
+        encode_text, unet, decode = real.encode_text, real.unet, real.decode
+
+    result = run_bench(SunOnly(), repeats=1, height=64, width=64)
+    assert set(result.seconds) == {"text_encode", "unet_sun_b1", "vae_decode", "sun4"}
+    assert set(result.ratios()) == {"decode_share_of_sun4"}
+    assert np.isfinite(result.ratios()["decode_share_of_sun4"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--repeats", "0", "--size", "64"], "error: repeats must be at least 1, got 0"),
+    (["--size", "60"], "error: height 60 is not a positive multiple of 8"),
+    (["--bundle", "{tmp}/b", "--adapter", "x.safetensors"], "error: --adapter and --vae-decoder apply to --model"),
+    (["--bundle", "{tmp}/none"], "error: bundle {tmp}/none does not exist"),
+    (["--size", "64", "--json", "{tmp}/no/dir.json"], "error: folder {tmp}/no for --json does not exist"),
+])
+def test_bad_bench_input_is_one_line(home_env, tmp_path, capsys, args, message):
+    code, _, err = run(capsys, "bench", *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message.format(tmp=tmp_path)), err
+
+
+def test_run_bench_refuses_zero_repeats(tiny):
+    with pytest.raises(SunEdgeError, match="repeats must be at least 1"):
+        run_bench(object(), repeats=0)
+
+
+def test_bench_a_bundle_steps_only(onnx_fp32_bundle, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bundle.json"
+    code, stdout, err = run(capsys, "bench", "--bundle", str(onnx_fp32_bundle), "--repeats", "1", "--steps-only",
+                            "--json", str(out))
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["runtime"] == "onnxruntime" and data["bundle"] == str(onnx_fp32_bundle) and data["provider"] == "cpu"
+    assert (data["height"], data["width"], data["precision"]) == (64, 64, "fp32")  # the bundle's size by default
+    assert set(data["seconds"]) == {"text_encode", "unet_sun_b1", "unet_plain_b1", "unet_cfg_b2", "vae_decode"}
+    assert data["machine"]["onnxruntime"]
+    check_ratios(data)
+    assert stdout.startswith("onnxruntime at 64x64")
+
+
+def test_bench_a_bundle_without_the_baseline(onnx_fp16_bundle, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from test_parity import without_baseline
+
+    bundle = without_baseline(onnx_fp16_bundle, tmp_path / "b")
+    code, stdout, err = run(capsys, "bench", "--bundle", str(bundle), "--repeats", "1")
+    assert code == 0, err
+    forms = [line.split()[0] for line in stdout.splitlines()[2:] if line[:1].isalpha() and "(" not in line]
+    assert forms[:3] == ["text_encode", "unet_sun_b1", "vae_decode"] and "sun4" in forms and "cfg25" not in forms
+    assert "(decode_share_of_sun4)" in stdout and "(end_to_end_cfg25_over_sun4)" not in stdout
+
+
+def test_bench_a_bundle_without_torch(onnx_fp32_bundle, tmp_path):
+    """Timing a bundle needs no PyTorch: torch, diffusers and transformers cannot even be imported."""
+    pytest.importorskip("onnxruntime")
+    from no_torch import run_without_torch
+
+    out = tmp_path / "b.json"
+    run_without_torch(f"""
+        from sun_edge.cli import main
+        assert main(["bench", "--bundle", {str(onnx_fp32_bundle)!r}, "--repeats", "1", "--steps-only",
+                     "--json", {str(out)!r}]) == 0
+    """, capture_output=True, timeout=300)
+    data = json.loads(out.read_text())
+    assert "torch" not in data["machine"] and data["machine"]["onnxruntime"]
