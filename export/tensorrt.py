@@ -1,0 +1,179 @@
+"""The TensorRT target: an fp16 ONNX bundle prepared for TensorRT, and engines built on the GPU box.
+
+``export_bundle`` writes the ONNX bundle (``export/onnx.py``, fp16 by default) with target
+``tensorrt`` and ``manifest.extra["tensorrt"]``: the optimisation profile of every component
+(static shapes, batch 1, both 77-token text inputs fixed) and the engines built so far. When
+TensorRT and a GPU are importable on the exporting machine, it builds the engines too.
+
+``build_engines`` runs on the serving machine (engines are specific to the TensorRT version
+and the GPU generation): per component it checks the version rules (``tensorrt_rules``),
+parses the graph (``unet.volta.onnx`` on sm < 75, attention logits in fp32) into a strongly
+typed network, applies the build plan (opt level, memory pool, static profile, timing cache),
+serializes ``<component>.trt<version>.sm<cc>.plan`` and records it in the manifest, which is
+replaced atomically after each engine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sun_edge.bundle import MANIFEST, Manifest, open_bundle
+from sun_edge.errors import SunEdgeError
+from sun_edge.export import ExportOptions, ParityFn
+from sun_edge.export import tensorrt_rules as rules
+
+if TYPE_CHECKING:
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+TARGET = rules.TARGET
+
+
+def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptions = ExportOptions(precision="fp16"), *,
+                  model: dict[str, Any] | None = None, adapter: dict[str, Any] | None = None, force: bool = False,
+                  parity: ParityFn | None = None, progress: bool = True, build: bool | None = None) -> Path:
+    """Write the ONNX bundle of ``reference`` for TensorRT to ``out``; build engines if ``build`` (default: if possible)."""
+    from sun_edge.export import onnx as onnx_target
+
+    path = onnx_target.export_bundle(reference, out, options, model=model, adapter=adapter, force=force,
+                                     parity=parity, progress=progress)  # parity runs it with ONNX Runtime
+    mark_tensorrt(path)  # one atomic manifest replace: until then it is a complete ONNX bundle
+    if build if build is not None else tensorrt_available():
+        build_engines(path)
+    return path
+
+
+def mark_tensorrt(directory: Path) -> Manifest:
+    """Turn an ONNX bundle's manifest into a TensorRT one: target, and ``extra["tensorrt"]`` (atomically)."""
+    manifest = open_bundle(directory).manifest
+    extra = {**manifest.extra, TARGET: rules.tensorrt_extra(manifest)}
+    return replace_manifest(Path(directory), replace(manifest, target=TARGET, extra=extra))
+
+
+def replace_manifest(directory: Path, manifest: Manifest) -> Manifest:
+    """Write ``manifest.json`` through a temporary file and ``os.replace``: readers never see half a manifest."""
+    target = Path(directory) / MANIFEST
+    tmp = target.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, target)
+    return manifest
+
+
+def tensorrt_available() -> bool:
+    """Whether TensorRT, cuda-python and a CUDA GPU are usable here (guarded imports)."""
+    try:
+        import tensorrt  # noqa: F401
+
+        cudart = cuda_runtime()
+        err, count = cudart.cudaGetDeviceCount()
+        return int(err) == 0 and count > 0
+    except Exception:  # any import or driver failure means: not here
+        return False
+
+
+def cuda_runtime() -> Any:
+    """cuda-python's runtime API module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError as e:
+            raise SunEdgeError("TensorRT engines need cuda-python: pip install 'sun-edge[tensorrt]'") from e
+    return runtime
+
+
+def gpu(device: int = 0) -> tuple[str, int]:
+    """The GPU's name and compute capability (``("Tesla V100-SXM2-16GB", 70)``)."""
+    cudart = cuda_runtime()
+    err, props = cudart.cudaGetDeviceProperties(device)
+    if int(err) != 0:
+        raise SunEdgeError(f"no usable CUDA GPU {device} (cudaGetDeviceProperties: {err}); check the driver")
+    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    return name, rules.sm(props.major, props.minor)
+
+
+def import_tensorrt() -> Any:
+    """``import tensorrt`` with the install hint as a one-line error."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise SunEdgeError("TensorRT is not installed: pip install 'sun-edge[tensorrt]' "
+                           "(V100: 'tensorrt>=10.0,<10.5')") from e
+    return trt
+
+
+def build_engines(bundle_dir: Path | str, *, opt_level: int = rules.DEFAULT_OPT_LEVEL,
+                  timing_cache: Path | str | None = None, workspace_gb: float = rules.DEFAULT_WORKSPACE_GB,
+                  components: tuple[str, ...] | None = None, force: bool = False, progress: bool = True) -> Manifest:
+    """Build (or reuse) one engine per component of a TensorRT bundle on this machine's GPU; returns the manifest."""
+    directory = Path(bundle_dir)
+    manifest = open_bundle(directory).manifest
+    if manifest.target != TARGET:
+        raise SunEdgeError(f"{directory} is a {manifest.target} bundle; build-engines needs one exported with --target tensorrt")
+    trt = import_tensorrt()
+    name, compute = gpu()
+    plans = [rules.build_plan(manifest, c, trt.__version__, compute, opt_level=opt_level, workspace_gb=workspace_gb,
+                              timing_cache=timing_cache)  # every rule checked before any build starts
+             for c in (components or tuple(manifest.components))]
+    from sun_edge.weights import sha256_file
+
+    for plan in plans:
+        record = rules.engine_records(manifest).get(plan.component)
+        if not force and rules.rebuild_reason(record, trt.__version__, compute, directory) is None:
+            continue
+        if progress:
+            print(f"building {plan.engine_file} (opt level {plan.opt_level}) ...", file=sys.stderr, flush=True)
+        if plan.volta:
+            from sun_edge.export.tensorrt_graph import write_volta_graph
+
+            write_volta_graph(directory / manifest.components[plan.component].file, directory / plan.onnx_file)
+        start = time.perf_counter()
+        _build_one(trt, directory, plan)
+        seconds = time.perf_counter() - start
+        engine = directory / plan.engine_file
+        entry = {"file": plan.engine_file, "tensorrt": trt.__version__, "sm": compute, "gpu": name,
+                 "size": engine.stat().st_size, "sha256": sha256_file(engine), "build_seconds": round(seconds, 1),
+                 "opt_level": plan.opt_level, "source": plan.onnx_file}
+        extra = dict(manifest.extra)
+        section = dict(extra.get(TARGET) or rules.tensorrt_extra(manifest))
+        section["engines"] = {**section.get("engines", {}), plan.component: entry}
+        extra[TARGET] = section
+        manifest = replace_manifest(directory, replace(manifest, extra=extra))  # after each engine: progress survives
+    return manifest
+
+
+def _build_one(trt: Any, directory: Path, plan: rules.BuildPlan) -> None:
+    """Parse, configure and build one engine with TensorRT's Python API; write it to ``plan.engine_file``."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(directory / plan.onnx_file)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise SunEdgeError(f"TensorRT cannot parse {plan.onnx_file}: {errors[0] if errors else 'unknown error'}")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = plan.opt_level
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    profile = builder.create_optimization_profile()
+    for name, shapes in plan.profile.items():
+        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+    cache_path = plan.timing_cache
+    blob = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise SunEdgeError(f"TensorRT failed to build {plan.engine_file}; rerun with a larger --workspace-gb "
+                           "or a lower --opt-level")
+    tmp = directory / f".{plan.engine_file}.tmp"
+    tmp.write_bytes(bytes(serialized))
+    os.replace(tmp, directory / plan.engine_file)
+    if cache_path is not None:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))

@@ -1,0 +1,242 @@
+"""TensorRT without TensorRT: the pure rules the builder and the runtime follow.
+
+Nothing here imports ``tensorrt`` or CUDA, so every decision is testable on any machine:
+
+- version rules: which TensorRT runs on which GPU (``RULES``, checked up front, one line each);
+- engine naming: ``unet.trt10.4.0.sm70.plan`` (the TensorRT version and compute capability);
+- the optimisation profile of each component, from the manifest (static shapes, batch 1);
+- the build plan: the settings ``build-engines`` applies (opt level, flags, profile, cache, pool);
+- the rebuild decision: is the engine recorded in the manifest usable on this machine;
+- the I/O binding plan: every engine tensor's name, shape, dtype and byte size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sun_edge.bundle import Component, Manifest
+from sun_edge.errors import SunEdgeError
+
+TARGET = "tensorrt"
+VOLTA_SUFFIX = ".volta.onnx"  # unet.volta.onnx: attention logits in fp32, built on sm < 75
+DEFAULT_OPT_LEVEL = 3
+DEFAULT_WORKSPACE_GB = 4.0
+PLAIN_MAX_BATCH = 2  # the CFG baseline UNet runs batch 1 or 2: its profile spans both
+Version = tuple[int, ...]
+
+
+def parse_version(text: str) -> Version:
+    """``"10.4.0.26"`` -> ``(10, 4, 0, 26)``; anything after the numeric part is ignored."""
+    import re
+
+    parts = []
+    for piece in str(text).split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+        if digits.end() < len(piece):  # "0b6": a pre-release tag ends the numeric part
+            break
+    if not parts:
+        raise SunEdgeError(f"cannot read TensorRT version {text!r}; expected e.g. 10.4.0")
+    return tuple(parts)
+
+
+def short_version(text: str) -> str:
+    """The version as engines are named: major.minor.patch (``10.4.0``)."""
+    return ".".join(str(p) for p in (parse_version(text) + (0, 0))[:3])
+
+
+def sm(major: int, minor: int) -> int:
+    """A compute capability as one number: (7, 0) -> 70, (8, 6) -> 86."""
+    return int(major) * 10 + int(minor)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One compatibility rule: GPUs with ``min_sm <= sm < max_sm`` need ``min_trt <= TensorRT < max_trt``."""
+
+    min_sm: int
+    max_sm: int
+    min_trt: Version
+    max_trt: Version
+    message: str  # the one-line error, formatted with {sm} and {trt}
+
+    def applies(self, compute: int) -> bool:
+        return self.min_sm <= compute < self.max_sm
+
+    def allows(self, version: Version) -> bool:
+        return self.min_trt <= version < self.max_trt
+
+
+NO_LIMIT: Version = (10_000,)
+RULES: tuple[Rule, ...] = (
+    Rule(0, 10_000, (10,), NO_LIMIT,
+         "TensorRT {trt} is too old: sun-edge builds strongly typed networks and needs TensorRT 10.0 or newer "
+         "(pip install 'tensorrt>=10.0')"),
+    Rule(0, 70, (0,), (0,),
+         "compute capability sm{sm} is not supported by TensorRT 10 or newer: sun-edge engines need Volta (sm70) or newer"),
+    Rule(70, 75, (0,), (10, 5),
+         "V100/Volta (sm{sm}) needs TensorRT 10.4 or older (Volta support was removed in 10.5), found {trt}: "
+         "pip install 'tensorrt>=10.0,<10.5'"),
+    Rule(0, 75, (0,), (11,),
+         "TensorRT {trt} needs Turing (sm75) or newer, this GPU is sm{sm}: install TensorRT 10.4 or older for Volta"),
+)
+
+
+def violations(trt_version: str, compute: int, rules: tuple[Rule, ...] = RULES) -> list[str]:
+    """Every rule broken by TensorRT ``trt_version`` on a GPU of compute capability ``compute`` (one line each)."""
+    version = parse_version(trt_version)
+    return [r.message.format(sm=compute, trt=trt_version) for r in rules
+            if r.applies(compute) and not r.allows(version)]
+
+
+def check_compatible(trt_version: str, compute: int, rules: tuple[Rule, ...] = RULES) -> None:
+    """Raise the first broken rule as a one-line ``SunEdgeError``."""
+    broken = violations(trt_version, compute, rules)
+    if broken:
+        raise SunEdgeError(broken[0])
+
+
+def engine_file(component: str, trt_version: str, compute: int) -> str:
+    """``unet.trt10.4.0.sm70.plan``: an engine runs only with the TensorRT and GPU generation it was built for."""
+    return f"{component}.trt{short_version(trt_version)}.sm{compute}.plan"
+
+
+def use_volta_graph(component: Component, compute: int) -> bool:
+    """fp16 UNets built for GPUs without fused attention (sm < 75) use the fp32-logits graph."""
+    return compute < 75 and component.precision == "fp16" and component.file.startswith("unet")
+
+
+def volta_file(component: Component) -> str:
+    """``unet.onnx`` -> ``unet.volta.onnx``."""
+    return component.file.removesuffix(".onnx") + VOLTA_SUFFIX
+
+
+def profile_shapes(component: Component) -> dict[str, dict[str, tuple[int, ...]]]:
+    """min/opt/max per input: static shapes (min = opt = max); a free batch dimension spans 1..2."""
+    shapes = {}
+    for spec in component.inputs:
+        lo = tuple(1 if d < 0 else d for d in spec.shape)
+        hi = tuple(PLAIN_MAX_BATCH if d < 0 else d for d in spec.shape)
+        shapes[spec.name] = {"min": lo, "opt": hi, "max": hi}
+    return shapes
+
+
+def tensorrt_extra(manifest: Manifest) -> dict[str, Any]:
+    """``manifest.extra["tensorrt"]`` for a fresh export: the profiles, and no engines yet."""
+    return {
+        "profile": {name: {k: {i: list(v) for i, v in p.items()} for k, p in _by_kind(c).items()}
+                    for name, c in manifest.components.items()},
+        "static_shapes": True, "batch": 1, "text_tokens": int(manifest.text["tokens"]),
+        "engines": {},
+    }
+
+
+def _by_kind(component: Component) -> dict[str, dict[str, tuple[int, ...]]]:
+    shapes = profile_shapes(component)
+    return {k: {name: s[k] for name, s in shapes.items()} for k in ("min", "opt", "max")}
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """One built engine, as recorded in ``manifest.extra["tensorrt"]["engines"][component]``."""
+
+    file: str
+    tensorrt: str
+    sm: int
+    gpu: str
+    size: int
+    sha256: str
+    build_seconds: float
+    opt_level: int
+    source: str  # the ONNX graph it was built from
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EngineRecord:
+        return cls(str(d["file"]), str(d["tensorrt"]), int(d["sm"]), str(d.get("gpu", "")), int(d["size"]),
+                   str(d.get("sha256", "")), float(d.get("build_seconds", 0.0)), int(d.get("opt_level", DEFAULT_OPT_LEVEL)),
+                   str(d.get("source", "")))
+
+
+def engine_records(manifest: Manifest) -> dict[str, EngineRecord]:
+    """The engines the manifest records, by component."""
+    engines = manifest.extra.get(TARGET, {}).get("engines", {})
+    return {name: EngineRecord.from_dict(d) for name, d in engines.items()}
+
+
+def rebuild_reason(record: EngineRecord | None, trt_version: str, compute: int, bundle: Path | None = None) -> str | None:
+    """Why the recorded engine cannot run here (``None``: it can): missing, other TensorRT, other GPU, file gone."""
+    if record is None:
+        return "no engine is built"
+    if short_version(record.tensorrt) != short_version(trt_version):
+        return f"its engine was built with TensorRT {record.tensorrt}, this machine has {trt_version}"
+    if record.sm != compute:
+        return f"its engine was built for sm{record.sm} ({record.gpu}), this GPU is sm{compute}"
+    if bundle is not None:
+        path = Path(bundle) / record.file
+        if not path.is_file() or path.stat().st_size != record.size:
+            return f"its engine {record.file} is missing or changed"
+    return None
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What ``build-engines`` applies for one component (TensorRT's builder config, as data)."""
+
+    component: str
+    onnx_file: str
+    engine_file: str
+    opt_level: int
+    strongly_typed: bool
+    workspace_bytes: int
+    timing_cache: Path | None
+    profile: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    volta: bool = False
+
+
+def build_plan(manifest: Manifest, component: str, trt_version: str, compute: int, *,
+               opt_level: int = DEFAULT_OPT_LEVEL, workspace_gb: float = DEFAULT_WORKSPACE_GB,
+               timing_cache: Path | str | None = None) -> BuildPlan:
+    """The builder settings for ``component`` with TensorRT ``trt_version`` on an sm``compute`` GPU."""
+    if not 0 <= opt_level <= 5:
+        raise SunEdgeError(f"--opt-level {opt_level} is out of range; TensorRT's builder optimisation levels are 0-5")
+    if workspace_gb <= 0:
+        raise SunEdgeError(f"--workspace-gb {workspace_gb:g} must be positive, e.g. 4")
+    if component not in manifest.components:
+        raise SunEdgeError(f"the bundle has no {component} component; it has: {', '.join(manifest.components)}")
+    check_compatible(trt_version, compute)
+    comp = manifest.components[component]
+    volta = use_volta_graph(comp, compute)
+    return BuildPlan(component, volta_file(comp) if volta else comp.file, engine_file(component, trt_version, compute),
+                     opt_level, parse_version(trt_version) >= (9,), int(workspace_gb * (1 << 30)),
+                     Path(timing_cache) if timing_cache is not None else None, profile_shapes(comp), volta)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One engine I/O tensor: what the runtime allocates and binds."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    is_input: bool
+
+
+def binding_plan(component: Component) -> tuple[Binding, ...]:
+    """Inputs then outputs at their largest profile shape, with the bytes each device buffer needs."""
+    shapes = profile_shapes(component)
+    out = []
+    for spec in component.inputs:
+        shape = shapes[spec.name]["max"]
+        out.append(Binding(spec.name, shape, spec.dtype, int(np.prod(shape)) * np.dtype(spec.dtype).itemsize, True))
+    for spec in component.outputs:
+        shape = tuple(PLAIN_MAX_BATCH if d < 0 else d for d in spec.shape)
+        out.append(Binding(spec.name, shape, spec.dtype, int(np.prod(shape)) * np.dtype(spec.dtype).itemsize, False))
+    return tuple(out)

@@ -1,0 +1,238 @@
+"""The TensorRT runtime: the runtime protocol over a TensorRT bundle's engines, without PyTorch.
+
+    from sun_edge import Pipeline
+    from sun_edge.runtimes.tensorrt import TensorRTRuntime
+
+    runtime = TensorRTRuntime.open("toonyou-trt")          # after: sun-edge build-engines --bundle toonyou-trt
+    images = Pipeline(runtime, runtime.tokenizer()).generate("a cat", "blurry")
+
+Opening checks, before anything runs, that TensorRT suits this GPU (``tensorrt_rules.RULES``)
+and that every component has an engine built with this TensorRT for this compute capability;
+otherwise one line says ``run sun-edge build-engines --bundle DIR``. Engines are deserialized on
+first use; each gets its execution context and one device buffer per I/O tensor, allocated and
+bound (``set_tensor_address``) once. A call copies inputs host->device on the runtime's stream,
+runs ``execute_async_v3``, copies the output back and synchronizes. The SUN UNet's shapes are
+static, so with ``cuda_graphs`` its step is captured once as a CUDA graph after one warm-up
+call and replayed on every later step. CUDA comes from cuda-python (imported here, not PyCUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sun_edge.bundle import Bundle, Component, Manifest, open_bundle
+from sun_edge.errors import SunEdgeError
+from sun_edge.export import tensorrt_rules as rules
+from sun_edge.runtimes import check_input
+from sun_edge.tokenizer import CLIPTokenizer
+
+TARGETS = (rules.TARGET,)  # the bundle targets this runtime runs
+GRAPH_COMPONENTS = ("unet",)  # captured as CUDA graphs (static shapes, called once per step)
+
+
+def _cuda(result: Any, what: str) -> Any:
+    """Unpack a cuda-python call's ``(err, *values)``; a non-zero error is one line."""
+    result = result if isinstance(result, tuple) else (result,)
+    if int(result[0]) != 0:
+        raise SunEdgeError(f"CUDA {what} failed: {result[0]}")
+    return result[1] if len(result) == 2 else result[1:] or None
+
+
+class _Engine:
+    """One deserialized engine with its context, device buffers (allocated once) and optional CUDA graph."""
+
+    def __init__(self, engine: Any, context: Any, buffers: dict[str, int], bindings: tuple[rules.Binding, ...]) -> None:
+        self.engine, self.context, self.buffers, self.bindings = engine, context, buffers, bindings
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.graph: Any = None
+        self.graph_exec: Any = None
+        self.runs = 0
+
+
+class TensorRTRuntime:
+    """Runtime protocol (``encode_text``, ``unet``, ``unet_plain``, ``decode``, ``encode``) over TensorRT engines."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, *, cuda_graphs: bool = True, device: int = 0) -> None:
+        from sun_edge.export.tensorrt import cuda_runtime, gpu, import_tensorrt
+
+        manifest = bundle.manifest
+        if manifest.target not in TARGETS:
+            raise SunEdgeError(f"bundle {bundle.path} is a {manifest.target} bundle; the tensorrt runtime runs "
+                               f"{', '.join(TARGETS)} bundles")
+        self.bundle, self.cuda_graphs, self.device = bundle, cuda_graphs, device
+        self._trt, self._cudart = import_tensorrt(), cuda_runtime()
+        _cuda(self._cudart.cudaSetDevice(device), "cudaSetDevice")
+        self.gpu, self.compute = gpu(device)
+        rules.check_compatible(self._trt.__version__, self.compute)
+        self._records = rules.engine_records(manifest)
+        for component in manifest.components:
+            reason = rules.rebuild_reason(self._records.get(component), self._trt.__version__, self.compute, bundle.path)
+            if reason is not None:
+                raise SunEdgeError(f"bundle {bundle.path}: {component}: {reason}; "
+                                   f"run sun-edge build-engines --bundle {bundle.path}")
+        self._stream = _cuda(self._cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._engines: dict[str, _Engine] = {}
+        self._trt_runtime: Any = None
+        self.latent_channels = int(manifest.latent["channels"])
+        self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
+        self.scaling_factor = float(manifest.latent["scaling_factor"])
+        self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
+        self.info = self._info(manifest)
+
+    @classmethod
+    def open(cls, path: Path | str, *, cuda_graphs: bool = True, device: int = 0) -> TensorRTRuntime:
+        """Open and check a bundle directory (engines are deserialized on first use)."""
+        return cls(open_bundle(path), cuda_graphs=cuda_graphs, device=device)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    def tokenizer(self) -> CLIPTokenizer:
+        """The tokenizer shipped in the bundle."""
+        tok = self.manifest.tokenizer
+        return CLIPTokenizer.from_files(self.bundle.path / tok["vocab"], self.bundle.path / tok["merges"])
+
+    def _info(self, m: Manifest) -> dict[str, Any]:
+        info: dict[str, Any] = {"model": m.model.get("name"), "model_sha256": m.model.get("sha256"),
+                                "bundle": str(self.bundle.path), "precision": m.precision, "gpu": self.gpu,
+                                "sm": self.compute, "tensorrt": self._trt.__version__, "cuda_graphs": self.cuda_graphs}
+        if m.adapter:
+            info.update(adapter=m.adapter.get("name"), adapter_sha256=m.adapter.get("sha256"),
+                        adapter_parameters=m.adapter.get("parameters"))
+        return info
+
+    def engine(self, component: str) -> _Engine:
+        """The component's engine, deserialized on first use, with its buffers allocated and bound once."""
+        if component in self._engines:
+            return self._engines[component]
+        comp = self._component(component)
+        record = self._records[component]
+        trt, path = self._trt, self.bundle.path / record.file
+        if self._trt_runtime is None:
+            self._trt_runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = self._trt_runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise SunEdgeError(f"TensorRT cannot load {path}; run sun-edge build-engines --bundle {self.bundle.path} --force")
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        bindings = rules.binding_plan(comp)
+        if names != {b.name for b in bindings}:
+            raise SunEdgeError(f"{record.file} has tensors {', '.join(sorted(names))}, the manifest says "
+                               f"{', '.join(b.name for b in bindings)}; run sun-edge build-engines --bundle "
+                               f"{self.bundle.path} --force")
+        context = engine.create_execution_context()
+        buffers = {}
+        for b in bindings:
+            buffers[b.name] = _cuda(self._cudart.cudaMalloc(b.nbytes), f"cudaMalloc({b.nbytes}) for {b.name}")
+            context.set_tensor_address(b.name, int(buffers[b.name]))
+        state = _Engine(engine, context, buffers, bindings)
+        self._engines[component] = state
+        return state
+
+    def _component(self, component: str) -> Component:
+        self.bundle.file(component)  # raises naming the components the bundle has
+        return self.manifest.components[component]
+
+    def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
+        """Check ``arrays`` against the component's inputs (manifest order), run its engine, return its output."""
+        comp = self._component(component)
+        checked = []
+        for spec, array in zip(comp.inputs, arrays, strict=True):
+            shape = [None if d < 0 else d for d in spec.shape]
+            array = check_input(f"{component} input {spec.name}", array, shape, np.dtype(spec.dtype))
+            checked.append(np.ascontiguousarray(array))
+        state, cudart = self.engine(component), self._cudart
+        static = all(d >= 0 for s in comp.inputs for d in s.shape)
+        for spec, array in zip(comp.inputs, checked):
+            if not static and state.shapes.get(spec.name) != array.shape:
+                state.context.set_input_shape(spec.name, array.shape)
+                state.shapes[spec.name] = array.shape
+            _cuda(cudart.cudaMemcpyAsync(state.buffers[spec.name], array.ctypes.data, array.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream), "cudaMemcpyAsync")
+        if static and self.cuda_graphs and component in GRAPH_COMPONENTS and state.runs >= 1:
+            if state.graph_exec is None:
+                self._capture(state)
+            _cuda(cudart.cudaGraphLaunch(state.graph_exec, self._stream), "cudaGraphLaunch")
+        elif not state.context.execute_async_v3(int(self._stream)):
+            raise SunEdgeError(f"TensorRT failed running {self._records[component].file}")
+        state.runs += 1
+        spec = comp.outputs[0]
+        batch = checked[0].shape[0]
+        out = np.empty(tuple(batch if d < 0 else d for d in spec.shape), dtype=np.dtype(spec.dtype))
+        _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, state.buffers[spec.name], out.nbytes,
+                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream), "cudaMemcpyAsync")
+        _cuda(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return out
+
+    def _capture(self, state: _Engine) -> None:
+        """Record one ``execute_async_v3`` on the stream as a CUDA graph (after the warm-up call)."""
+        cudart = self._cudart
+        _cuda(cudart.cudaStreamBeginCapture(self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
+              "cudaStreamBeginCapture")
+        ok = state.context.execute_async_v3(int(self._stream))
+        state.graph = _cuda(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+        if not ok:
+            raise SunEdgeError("TensorRT failed while capturing the UNet step as a CUDA graph; rerun with CUDA graphs off")
+        state.graph_exec = _cuda(cudart.cudaGraphInstantiate(state.graph, 0), "cudaGraphInstantiate")
+
+    def close(self) -> None:
+        """Free the device buffers, CUDA graphs and the stream (the runtime is unusable afterwards)."""
+        cudart = self._cudart
+        for state in self._engines.values():
+            if state.graph_exec is not None:
+                cudart.cudaGraphExecDestroy(state.graph_exec)
+                cudart.cudaGraphDestroy(state.graph)
+            for pointer in state.buffers.values():
+                cudart.cudaFree(pointer)
+        self._engines.clear()
+        if self._stream is not None:
+            cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+
+    @staticmethod
+    def _timestep(t: np.ndarray | float | int) -> np.ndarray:
+        return np.asarray(t, dtype=np.float32).reshape(-1)  # [1]
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [1,77] int64 -> last hidden state [1,77,D] float32."""
+        return self.run("text_encoder", ids)
+
+    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+        """One SUN forward (adapter fused): eps [1,4,h,w]."""
+        return self.run("unet", latents, self._timestep(t), pos, neg)
+
+    def require_baseline(self) -> None:
+        """Raise unless the bundle has the UNet without the adapter (exported with ``--with-baseline``)."""
+        if "unet_plain" not in self.manifest.components:
+            raise SunEdgeError(f"bundle {self.bundle.path} has no UNet without the adapter, which CFG mode needs; "
+                               "re-export it with --with-baseline")
+
+    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
+        """The UNet without the adapter, batch 1 or 2 (the CFG baseline): eps [B,4,h,w]."""
+        self.require_baseline()
+        batch = check_input("unet_plain input sample", latents, (None, self.latent_channels, None, None), np.float32).shape[0]
+        check_input("unet_plain input encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
+        return self.run("unet_plain", latents, self._timestep(t), emb)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1]."""
+        return self.run("vae_decoder", latents)
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """Image [1,3,H,W] in [-1, 1] -> scaled latents [1,4,H/8,W/8]."""
+        return self.run("vae_encoder", image)
+
+
+def open_runtime(path: Path | str, *, cuda_graphs: bool = True, device: int = 0,
+                 components: Sequence[str] | None = None) -> TensorRTRuntime:
+    """``TensorRTRuntime.open``; ``components`` are deserialized at once (e.g. before timing)."""
+    runtime = TensorRTRuntime.open(path, cuda_graphs=cuda_graphs, device=device)
+    for component in components or ():
+        runtime.engine(component)
+    return runtime
