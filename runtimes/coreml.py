@@ -1,0 +1,202 @@
+"""The Core ML runtime: the runtime protocol over a Core ML bundle's ``.mlpackage`` resources.
+
+    from sun_edge import Pipeline
+    from sun_edge.runtimes.coreml import CoreMLRuntime
+
+    runtime = CoreMLRuntime.open("toonyou-coreml", compute_units="cpu-and-ne")
+    images = Pipeline(runtime, runtime.tokenizer()).generate("a cat", "blurry")
+
+On macOS each component is a ``coremltools.models.MLModel`` on the chosen compute units
+(``COMPUTE_UNITS``). Elsewhere Core ML cannot predict, so the runtime evaluates the same ML
+Programs with the NumPy MIL evaluator (``sun_edge.runtimes.coreml_mil``), which rounds to the
+programs' float16 but is slow: for checking only, and it says so (its ``name`` and a warning).
+Models are loaded per component on first use, their declared inputs and outputs checked against
+the manifest; every input is checked against the manifest on every call. No PyTorch here, and
+coremltools is imported only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from types import MappingProxyType, ModuleType
+from typing import Any, Literal
+
+import numpy as np
+
+from sun_edge.bundle import MANIFEST, Bundle, Component, Manifest, TensorSpec, open_bundle
+from sun_edge.errors import SunEdgeError
+from sun_edge.runtimes import check_input
+from sun_edge.tokenizer import CLIPTokenizer
+
+COMPUTE_UNITS = MappingProxyType({"all": "ALL", "cpu-and-gpu": "CPU_AND_GPU", "cpu-and-ne": "CPU_AND_NE",
+                                  "cpu-only": "CPU_ONLY"})  # name -> coremltools.ComputeUnit member
+TARGETS = ("coreml",)  # the bundle targets this runtime runs
+REQUIRED = ("text_encoder", "unet", "vae_decoder")  # vae_encoder is optional (img2img)
+MIL_NAME = "coreml-mil (NumPy evaluator, for checking only)"
+Backend = Literal["auto", "coreml", "mil"]
+
+
+def import_coremltools() -> ModuleType:
+    """``import coremltools`` with its import-time notes (untested torch version, no native
+    predictor off macOS) kept out of the user's terminal; one line if it is not installed."""
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import coremltools
+    except ImportError as e:
+        raise SunEdgeError("Core ML bundles need coremltools: pip install 'sun-edge[coreml]'") from e
+    finally:
+        logger.setLevel(level)
+    return coremltools
+
+
+def _describe(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{s.name} {s.dtype} [{','.join(map(str, s.shape))}]" for s in specs)
+
+
+class CoreMLRuntime:
+    """Runtime protocol (``encode_text``, ``unet``, ``decode``, ``encode``) over a Core ML bundle.
+
+    ``backend``: ``coreml`` predicts with Core ML (macOS only), ``mil`` evaluates with NumPy,
+    ``auto`` picks Core ML on macOS and the evaluator elsewhere.
+    """
+
+    def __init__(self, bundle: Bundle, compute_units: str = "all", backend: Backend = "auto") -> None:
+        manifest = bundle.manifest
+        if manifest.target not in TARGETS:
+            raise SunEdgeError(f"bundle {bundle.path} is a {manifest.target} bundle; the coreml runtime runs "
+                               f"{', '.join(TARGETS)} bundles")
+        if compute_units not in COMPUTE_UNITS:
+            raise SunEdgeError(f"unknown compute units {compute_units!r}; valid: {', '.join(COMPUTE_UNITS)}")
+        if backend not in ("auto", "coreml", "mil"):
+            raise SunEdgeError(f"unknown Core ML backend {backend!r}; valid: auto, coreml, mil")
+        missing = [c for c in REQUIRED if c not in manifest.components]
+        if missing:
+            raise SunEdgeError(f"bundle {bundle.path} lacks the {', '.join(missing)} component(s); re-export it")
+        if backend == "coreml" and sys.platform != "darwin":
+            raise SunEdgeError("Core ML prediction needs macOS; elsewhere use the NumPy evaluator (backend 'mil')")
+        self.bundle, self.compute_units = bundle, compute_units
+        self.backend = "coreml" if backend == "coreml" or (backend == "auto" and sys.platform == "darwin") else "mil"
+        self.name = "coreml" if self.backend == "coreml" else MIL_NAME
+        if self.backend == "mil":
+            warnings.warn("Core ML cannot predict on this platform: running the bundle with the NumPy MIL evaluator, "
+                          "which is slow and for checking only", stacklevel=2)
+        self._models: dict[str, Any] = {}
+        self.latent_channels = int(manifest.latent["channels"])
+        self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
+        self.scaling_factor = float(manifest.latent["scaling_factor"])
+        self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
+        self.info = self._info(manifest)
+
+    @classmethod
+    def open(cls, path: Path | str, compute_units: str = "all", backend: Backend = "auto") -> CoreMLRuntime:
+        """Open and check a bundle directory (models are loaded on first use)."""
+        return cls(open_bundle(path), compute_units, backend)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    def tokenizer(self) -> CLIPTokenizer:
+        """The tokenizer shipped in the bundle."""
+        tok = self.manifest.tokenizer
+        return CLIPTokenizer.from_files(self.bundle.path / tok["vocab"], self.bundle.path / tok["merges"])
+
+    def _info(self, m: Manifest) -> dict[str, Any]:
+        info: dict[str, Any] = {"model": m.model.get("name"), "model_sha256": m.model.get("sha256"),
+                                "bundle": str(self.bundle.path), "precision": m.precision, "backend": self.backend,
+                                "compute_units": self.compute_units if self.backend == "coreml" else None}
+        if m.model.get("loras"):
+            info["loras"] = [f"{lora['file']}:{float(lora['scale']):g}" for lora in m.model["loras"]]
+        if m.adapter:
+            info.update(adapter=m.adapter.get("name"), adapter_sha256=m.adapter.get("sha256"),
+                        adapter_parameters=m.adapter.get("parameters"))
+        return info
+
+    def _component(self, component: str) -> Component:
+        self.bundle.file(component)  # raises naming the components the bundle has
+        return self.manifest.components[component]
+
+    def model(self, component: str) -> Any:
+        """The component's loaded model (Core ML or evaluator), made on first use; its I/O must match the manifest."""
+        if component in self._models:
+            return self._models[component]
+        comp, path = self._component(component), self.bundle.file(component)
+        if self.backend == "coreml":
+            model, declared = self._load_coreml(path)
+        else:
+            from sun_edge.runtimes.coreml_mil import MILEvaluator
+
+            model = MILEvaluator.load(path)
+            declared = (model.inputs, model.outputs)
+        for what, have, want in (("inputs", declared[0], comp.inputs), ("outputs", declared[1], comp.outputs)):
+            if have != want:
+                raise SunEdgeError(f"bundle {self.bundle.path}: {comp.file} declares {what} {_describe(have)}, but "
+                                   f"{MANIFEST} says {_describe(want)}; re-export the bundle")
+        self._models[component] = model
+        return model
+
+    def _load_coreml(self, path: Path) -> tuple[Any, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
+        ct = import_coremltools()
+        units = getattr(ct.ComputeUnit, COMPUTE_UNITS[self.compute_units])
+        try:
+            model = ct.models.MLModel(str(path), compute_units=units)
+        except Exception as e:  # coremltools raises plain Exceptions
+            raise SunEdgeError(f"Core ML cannot load {path.name} ({self.compute_units}): {e}") from e
+        return model, spec_io(model.get_spec())
+
+    def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
+        """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""
+        comp = self._component(component)
+        feeds = {spec.name: check_input(f"{component} input {spec.name}", array, spec.shape, np.dtype(spec.dtype))
+                 for spec, array in zip(comp.inputs, arrays, strict=True)}
+        model = self.model(component)
+        out = comp.outputs[0].name
+        if self.backend == "mil":
+            return model(feeds)[out].astype(np.float32, copy=False)
+        try:
+            return np.asarray(model.predict(feeds)[out], dtype=np.float32)
+        except Exception as e:
+            raise SunEdgeError(f"Core ML failed running {comp.file}: {e}") from e
+
+    def require_baseline(self) -> None:
+        """CFG mode needs a UNet without the adapter, which Core ML bundles do not hold: one clear line."""
+        raise SunEdgeError(f"bundle {self.bundle.path} holds the SUN UNet only; --mode cfg and --compare need the UNet "
+                           "without the adapter: use an ONNX bundle exported with --with-baseline, or --model")
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [1,77] int64 -> last hidden state [1,77,D] float32 (the graph takes int32 ids)."""
+        check_input("input_ids", ids, (1, self.text_tokens), np.int64)
+        return self.run("text_encoder", ids.astype(np.int32))
+
+    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+        """One SUN forward (adapter fused): eps [1,4,h,w]."""
+        return self.run("unet", latents, np.asarray(t, dtype=np.float32).reshape(-1), pos, neg)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1] (1/scaling_factor inside the graph)."""
+        return self.run("vae_decoder", latents)
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """Image [1,3,H,W] in [-1, 1] -> scaled latents [1,4,H/8,W/8] (the posterior mean)."""
+        return self.run("vae_encoder", image)
+
+
+def spec_io(spec: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The inputs and outputs a Core ML model spec declares, as manifest specs (multi-array features only)."""
+    from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType
+
+    names = {ArrayFeatureType.FLOAT32: "float32", ArrayFeatureType.FLOAT16: "float16", ArrayFeatureType.INT32: "int32",
+             ArrayFeatureType.DOUBLE: "float64"}
+
+    def specs(features: Any) -> tuple[TensorSpec, ...]:
+        out = []
+        for f in features:
+            array = f.type.multiArrayType
+            out.append(TensorSpec(f.name, names.get(array.dataType, str(array.dataType)), tuple(int(d) for d in array.shape)))
+        return tuple(out)
+    return specs(spec.description.input), specs(spec.description.output)
