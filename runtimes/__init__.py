@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -26,11 +27,36 @@ RUNTIMES: dict[str, str] = {
 }
 
 
+# bundle target (manifest.json) -> the runtime that runs it
+BUNDLE_RUNTIMES: dict[str, str] = {"onnx": "onnxruntime", "coreml": "coreml", "tensorrt": "tensorrt"}
+
+
 def runtime_module(name: str) -> ModuleType:
     """Import the module of runtime ``name``; unknown names list the valid ones."""
     if name not in RUNTIMES:
         raise SunEdgeError(f"unknown runtime {name!r}; valid runtimes: {', '.join(sorted(RUNTIMES))}")
     return importlib.import_module(RUNTIMES[name])
+
+
+def open_bundle_runtime(bundle: Any, *, provider: str = "cpu", compute_units: str = "all", cuda_graphs: bool = True) -> Any:
+    """The runtime for an opened bundle, chosen by its manifest's target; options that do not apply are refused.
+
+    ``provider`` is ONNX Runtime's execution provider, ``compute_units`` Core ML's, ``cuda_graphs`` TensorRT's.
+    """
+    target = bundle.manifest.target
+    if target not in BUNDLE_RUNTIMES:
+        raise SunEdgeError(f"bundle target {target!r} has no runtime; known targets: {', '.join(sorted(BUNDLE_RUNTIMES))}")
+    if provider != "cpu" and target != "onnx":
+        raise SunEdgeError(f"--provider applies to onnx bundles; this is a {target} bundle"
+                           + ("; use --compute-units" if target == "coreml" else ""))
+    if compute_units != "all" and target != "coreml":
+        raise SunEdgeError(f"--compute-units applies to coreml bundles; this is a {target} bundle")
+    module = runtime_module(BUNDLE_RUNTIMES[target])
+    if target == "onnx":
+        return module.OnnxRuntime(bundle, provider)
+    if target == "coreml":
+        return module.CoreMLRuntime(bundle, compute_units)
+    return module.TensorRTRuntime(bundle, cuda_graphs=cuda_graphs)
 
 
 def check_input(what: str, array: np.ndarray, shape: Sequence[int | None], dtype: np.dtype | type) -> np.ndarray:

@@ -116,29 +116,16 @@ def _bundle_settings(args: argparse.Namespace, bundle: Any) -> tuple[dict[str, A
 
 
 def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
-    """The bundle's runtime (ONNX Runtime, or Core ML for a coreml bundle) and its tokenizer; imports no torch."""
-    from sun_edge.runtimes import runtime_module
+    """The bundle's runtime (as its target says) and its tokenizer; imports no torch."""
+    from sun_edge.runtimes import open_bundle_runtime
 
     if args.adapter or args.lora:
         raise SunEdgeError("--adapter and --lora are fused into a bundle at export; drop them with --bundle")
     if (args.precision, args.device, args.vae_decoder) != ("fp32", "cpu", "full"):
         raise SunEdgeError("--precision, --device and --vae-decoder apply to --model; a bundle's are fixed at export "
                            "(choose the hardware with --provider)")
-    if bundle.manifest.target == "tensorrt":
-        if (args.provider, args.compute_units) != ("cpu", "all"):
-            raise SunEdgeError("--provider and --compute-units do not apply to a tensorrt bundle: its engines run on the GPU")
-        runtime = runtime_module("tensorrt").TensorRTRuntime(bundle, cuda_graphs=not args.no_cuda_graphs)
-        if args.mode == "cfg" or args.compare:
-            runtime.require_baseline()  # before sampling starts
-        return runtime, runtime.tokenizer()
-    coreml = bundle.manifest.target == "coreml"
-    if (args.provider != "cpu" and coreml) or (args.compute_units != "all" and not coreml):
-        raise SunEdgeError(f"{'--provider' if coreml else '--compute-units'} does not apply to a {bundle.manifest.target} "
-                           f"bundle; use {'--compute-units' if coreml else '--provider'}")
-    if coreml:
-        runtime = runtime_module("coreml").CoreMLRuntime(bundle, args.compute_units)
-    else:
-        runtime = runtime_module("onnxruntime").OnnxRuntime(bundle, args.provider)
+    runtime = open_bundle_runtime(bundle, provider=args.provider, compute_units=args.compute_units,
+                                  cuda_graphs=not args.no_cuda_graphs)
     if args.mode == "cfg" or args.compare:
         runtime.require_baseline()  # before sampling starts
     return runtime, runtime.tokenizer()

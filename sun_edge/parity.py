@@ -112,6 +112,7 @@ COREML_FP16_PAL4 = _palettized(4)
 COREML_FP16_PAL3 = _palettized(3)
 
 THRESHOLDS = MappingProxyType({("onnx", "fp32"): ONNX_FP32, ("onnx", "fp16"): ONNX_FP16,
+                               ("tensorrt", "fp32"): ONNX_FP32, ("tensorrt", "fp16"): ONNX_FP16,
                                ("coreml", "fp32"): COREML_FP32, ("coreml", "fp16"): COREML_FP16,
                                ("coreml", "fp16-pal8"): COREML_FP16_PAL8, ("coreml", "fp16-pal6"): COREML_FP16_PAL6,
                                ("coreml", "fp16-pal4"): COREML_FP16_PAL4, ("coreml", "fp16-pal3"): COREML_FP16_PAL3})
@@ -341,14 +342,11 @@ def check_report(report: ParityReport) -> None:
 
 
 def open_bundle_runtime(bundle_dir: Path, provider: str = "cpu") -> Runtime:
-    """Open a bundle directory with the ONNX Runtime runtime (imported on use: onnxruntime is optional)."""
+    """Open a bundle directory with the runtime its target needs (ONNX Runtime, Core ML or its evaluator, TensorRT)."""
     from sun_edge.bundle import open_bundle
-    from sun_edge.runtimes import runtime_module
+    from sun_edge.runtimes import open_bundle_runtime as open_runtime
 
-    bundle = open_bundle(bundle_dir)
-    if bundle.manifest.target != "onnx":  # other targets' runtimes take other options: wire them here
-        raise SunEdgeError(f"{bundle_dir} is a {bundle.manifest.target} bundle; parity and bench run onnx bundles")
-    return runtime_module("onnxruntime").OnnxRuntime(bundle, provider)
+    return open_runtime(open_bundle(bundle_dir), provider=provider)
 
 
 def bundle_report(reference: Runtime, bundle_dir: Path, *, precision: str | None = None, seeds: Sequence[int] = (0,),
