@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sun_edge.bundle import MANIFEST, Bundle, Component, Manifest, TensorSpec, open_bundle
+from sun_edge.bundle import MANIFEST, Bundle, TensorSpec, open_bundle
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes import check_input
-from sun_edge.tokenizer import CLIPTokenizer
+from sun_edge.runtimes.base import BundleRuntime
 
 COMPUTE_UNITS = MappingProxyType({"all": "ALL", "cpu-and-gpu": "CPU_AND_GPU", "cpu-and-ne": "CPU_AND_NE",
                                   "cpu-only": "CPU_ONLY"})  # name -> coremltools.ComputeUnit member
@@ -58,7 +58,7 @@ def _describe(specs: tuple[TensorSpec, ...]) -> str:
     return ", ".join(f"{s.name} {s.dtype} [{','.join(map(str, s.shape))}]" for s in specs)
 
 
-class CoreMLRuntime:
+class CoreMLRuntime(BundleRuntime):
     """Runtime protocol (``encode_text``, ``unet``, ``decode``, ``encode``) over a Core ML bundle.
 
     ``backend``: ``coreml`` predicts with Core ML (macOS only), ``mil`` evaluates with NumPy,
@@ -90,36 +90,13 @@ class CoreMLRuntime:
         self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
         self.scaling_factor = float(manifest.latent["scaling_factor"])
         self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
-        self.info = self._info(manifest)
+        self.info = self.manifest_info(backend=self.backend,
+                                       compute_units=self.compute_units if self.backend == "coreml" else None)
 
     @classmethod
     def open(cls, path: Path | str, compute_units: str = "all", backend: Backend = "auto") -> CoreMLRuntime:
         """Open and check a bundle directory (models are loaded on first use)."""
         return cls(open_bundle(path), compute_units, backend)
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.bundle.manifest
-
-    def tokenizer(self) -> CLIPTokenizer:
-        """The tokenizer shipped in the bundle."""
-        tok = self.manifest.tokenizer
-        return CLIPTokenizer.from_files(self.bundle.path / tok["vocab"], self.bundle.path / tok["merges"])
-
-    def _info(self, m: Manifest) -> dict[str, Any]:
-        info: dict[str, Any] = {"model": m.model.get("name"), "model_sha256": m.model.get("sha256"),
-                                "bundle": str(self.bundle.path), "precision": m.precision, "backend": self.backend,
-                                "compute_units": self.compute_units if self.backend == "coreml" else None}
-        if m.model.get("loras"):
-            info["loras"] = [f"{lora['file']}:{float(lora['scale']):g}" for lora in m.model["loras"]]
-        if m.adapter:
-            info.update(adapter=m.adapter.get("name"), adapter_sha256=m.adapter.get("sha256"),
-                        adapter_parameters=m.adapter.get("parameters"))
-        return info
-
-    def _component(self, component: str) -> Component:
-        self.bundle.file(component)  # raises naming the components the bundle has
-        return self.manifest.components[component]
 
     def model(self, component: str) -> Any:
         """The component's loaded model (Core ML or evaluator), made on first use; its I/O must match the manifest."""

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from sun_edge.bundle import MANIFEST, Bundle, Component, Manifest, TensorSpec, open_bundle
+from sun_edge.bundle import MANIFEST, Bundle, TensorSpec, open_bundle
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes import check_input
-from sun_edge.tokenizer import CLIPTokenizer
+from sun_edge.runtimes.base import GraphRuntime
 
 PROVIDERS = MappingProxyType({
     "cpu": "CPUExecutionProvider",
@@ -67,7 +67,7 @@ def _first_line(error: BaseException) -> str:
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
-class OnnxRuntime:
+class OnnxRuntime(GraphRuntime):
     """Runtime protocol (``encode_text``, ``unet``, ``unet_plain``, ``decode``, ``encode``) over an ONNX bundle."""
 
     name = "onnxruntime"
@@ -84,31 +84,12 @@ class OnnxRuntime:
         self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
         self.scaling_factor = float(manifest.latent["scaling_factor"])
         self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
-        self.info = self._info(manifest)
+        self.info = self.manifest_info(provider=self.provider)
 
     @classmethod
     def open(cls, path: Path | str, provider: str = "cpu") -> OnnxRuntime:
         """Open and check a bundle directory (sessions are created on first use)."""
         return cls(open_bundle(path), provider)
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.bundle.manifest
-
-    def tokenizer(self) -> CLIPTokenizer:
-        """The tokenizer shipped in the bundle."""
-        tok = self.manifest.tokenizer
-        return CLIPTokenizer.from_files(self.bundle.path / tok["vocab"], self.bundle.path / tok["merges"])
-
-    def _info(self, m: Manifest) -> dict[str, Any]:
-        info: dict[str, Any] = {"model": m.model.get("name"), "model_sha256": m.model.get("sha256"),
-                                "bundle": str(self.bundle.path), "provider": self.provider, "precision": m.precision}
-        if m.model.get("loras"):
-            info["loras"] = [f"{lora['file']}:{float(lora['scale']):g}" for lora in m.model["loras"]]
-        if m.adapter:
-            info.update(adapter=m.adapter.get("name"), adapter_sha256=m.adapter.get("sha256"),
-                        adapter_parameters=m.adapter.get("parameters"))
-        return info
 
     def session(self, component: str) -> ort.InferenceSession:
         """The component's session, created on first use; its declared I/O must match the manifest."""
@@ -130,10 +111,6 @@ class OnnxRuntime:
         self._sessions[component] = session
         return session
 
-    def _component(self, component: str) -> Component:
-        self.bundle.file(component)  # raises naming the components the bundle has
-        return self.manifest.components[component]
-
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""
         comp = self._component(component)
@@ -146,36 +123,3 @@ class OnnxRuntime:
             return session.run([comp.outputs[0].name], feeds)[0]
         except Exception as e:
             raise SunEdgeError(f"onnxruntime failed running {comp.file}: {_first_line(e)}") from e
-
-    @staticmethod
-    def _timestep(t: np.ndarray | float | int) -> np.ndarray:
-        return np.asarray(t, dtype=np.float32).reshape(-1)  # [1]
-
-    def encode_text(self, ids: np.ndarray) -> np.ndarray:
-        """Token ids [1,77] int64 -> last hidden state [1,77,D] float32."""
-        return self.run("text_encoder", ids)
-
-    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-        """One SUN forward (adapter fused): eps [1,4,h,w]."""
-        return self.run("unet", latents, self._timestep(t), pos, neg)
-
-    def require_baseline(self) -> None:
-        """Raise unless the bundle has the UNet without the adapter (exported with ``--with-baseline``)."""
-        if "unet_plain" not in self.manifest.components:
-            raise SunEdgeError(f"bundle {self.bundle.path} has no UNet without the adapter, which CFG mode needs; "
-                               "re-export it with --with-baseline")
-
-    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
-        """The UNet without the adapter, batch 1 or 2 (the CFG baseline): eps [B,4,h,w]."""
-        self.require_baseline()
-        batch = check_input("unet_plain input sample", latents, (None, self.latent_channels, None, None), np.float32).shape[0]
-        check_input("unet_plain input encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
-        return self.run("unet_plain", latents, self._timestep(t), emb)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1] (1/scaling_factor inside the graph)."""
-        return self.run("vae_decoder", latents)
-
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """Image [1,3,H,W] in [-1, 1] -> scaled latents [1,4,H/8,W/8] (the posterior mean)."""
-        return self.run("vae_encoder", image)

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from sun_edge.bundle import Bundle, Component, Manifest, open_bundle
+from sun_edge.bundle import Bundle, open_bundle
 from sun_edge.errors import SunEdgeError
 from sun_edge.export import tensorrt_rules as rules
 from sun_edge.runtimes import check_input
-from sun_edge.tokenizer import CLIPTokenizer
+from sun_edge.runtimes.base import GraphRuntime
 
 TARGETS = (rules.TARGET,)  # the bundle targets this runtime runs
 GRAPH_COMPONENTS = ("unet",)  # captured as CUDA graphs (static shapes, called once per step)
@@ -53,7 +53,7 @@ class _Engine:
         self.runs = 0
 
 
-class TensorRTRuntime:
+class TensorRTRuntime(GraphRuntime):
     """Runtime protocol (``encode_text``, ``unet``, ``unet_plain``, ``decode``, ``encode``) over TensorRT engines."""
 
     name = "tensorrt"
@@ -83,30 +83,13 @@ class TensorRTRuntime:
         self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
         self.scaling_factor = float(manifest.latent["scaling_factor"])
         self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
-        self.info = self._info(manifest)
+        self.info = self.manifest_info(gpu=self.gpu, sm=self.compute, tensorrt=self._trt.__version__,
+                                       cuda_graphs=self.cuda_graphs)
 
     @classmethod
     def open(cls, path: Path | str, *, cuda_graphs: bool = True, device: int = 0) -> TensorRTRuntime:
         """Open and check a bundle directory (engines are deserialized on first use)."""
         return cls(open_bundle(path), cuda_graphs=cuda_graphs, device=device)
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.bundle.manifest
-
-    def tokenizer(self) -> CLIPTokenizer:
-        """The tokenizer shipped in the bundle."""
-        tok = self.manifest.tokenizer
-        return CLIPTokenizer.from_files(self.bundle.path / tok["vocab"], self.bundle.path / tok["merges"])
-
-    def _info(self, m: Manifest) -> dict[str, Any]:
-        info: dict[str, Any] = {"model": m.model.get("name"), "model_sha256": m.model.get("sha256"),
-                                "bundle": str(self.bundle.path), "precision": m.precision, "gpu": self.gpu,
-                                "sm": self.compute, "tensorrt": self._trt.__version__, "cuda_graphs": self.cuda_graphs}
-        if m.adapter:
-            info.update(adapter=m.adapter.get("name"), adapter_sha256=m.adapter.get("sha256"),
-                        adapter_parameters=m.adapter.get("parameters"))
-        return info
 
     def engine(self, component: str) -> _Engine:
         """The component's engine, deserialized on first use, with its buffers allocated and bound once."""
@@ -134,10 +117,6 @@ class TensorRTRuntime:
         state = _Engine(engine, context, buffers, bindings)
         self._engines[component] = state
         return state
-
-    def _component(self, component: str) -> Component:
-        self.bundle.file(component)  # raises naming the components the bundle has
-        return self.manifest.components[component]
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         """Check ``arrays`` against the component's inputs (manifest order), run its engine, return its output."""
@@ -194,39 +173,6 @@ class TensorRTRuntime:
         if self._stream is not None:
             cudart.cudaStreamDestroy(self._stream)
             self._stream = None
-
-    @staticmethod
-    def _timestep(t: np.ndarray | float | int) -> np.ndarray:
-        return np.asarray(t, dtype=np.float32).reshape(-1)  # [1]
-
-    def encode_text(self, ids: np.ndarray) -> np.ndarray:
-        """Token ids [1,77] int64 -> last hidden state [1,77,D] float32."""
-        return self.run("text_encoder", ids)
-
-    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-        """One SUN forward (adapter fused): eps [1,4,h,w]."""
-        return self.run("unet", latents, self._timestep(t), pos, neg)
-
-    def require_baseline(self) -> None:
-        """Raise unless the bundle has the UNet without the adapter (exported with ``--with-baseline``)."""
-        if "unet_plain" not in self.manifest.components:
-            raise SunEdgeError(f"bundle {self.bundle.path} has no UNet without the adapter, which CFG mode needs; "
-                               "re-export it with --with-baseline")
-
-    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
-        """The UNet without the adapter, batch 1 or 2 (the CFG baseline): eps [B,4,h,w]."""
-        self.require_baseline()
-        batch = check_input("unet_plain input sample", latents, (None, self.latent_channels, None, None), np.float32).shape[0]
-        check_input("unet_plain input encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
-        return self.run("unet_plain", latents, self._timestep(t), emb)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1]."""
-        return self.run("vae_decoder", latents)
-
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """Image [1,3,H,W] in [-1, 1] -> scaled latents [1,4,H/8,W/8]."""
-        return self.run("vae_encoder", image)
 
 
 def open_runtime(path: Path | str, *, cuda_graphs: bool = True, device: int = 0,

@@ -1,0 +1,92 @@
+"""What every bundle runtime shares: the manifest, the shipped tokenizer, generation info, and
+the runtime protocol expressed over one primitive, ``run(component, *arrays) -> first output``.
+
+NumPy only: the backends (ONNX Runtime, TensorRT, Core ML) subclass these and import their own
+libraries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sun_edge.bundle import Bundle, Component, Manifest
+from sun_edge.errors import SunEdgeError
+from sun_edge.runtimes import check_input
+from sun_edge.tokenizer import CLIPTokenizer
+
+
+class BundleRuntime:
+    """Bundle plumbing: ``self.bundle`` must be set by the subclass."""
+
+    bundle: Bundle
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    def tokenizer(self) -> CLIPTokenizer:
+        """The tokenizer shipped in the bundle."""
+        tok = self.manifest.tokenizer
+        return CLIPTokenizer.from_files(self.bundle.path / tok["vocab"], self.bundle.path / tok["merges"])
+
+    def _component(self, component: str) -> Component:
+        self.bundle.file(component)  # raises naming the components the bundle has
+        return self.manifest.components[component]
+
+    def manifest_info(self, **backend: Any) -> dict[str, Any]:
+        """Generation info from the manifest (model, LoRAs, adapter), plus the backend's own fields."""
+        m = self.manifest
+        info: dict[str, Any] = {"model": m.model.get("name"), "model_sha256": m.model.get("sha256"),
+                                "bundle": str(self.bundle.path), "precision": m.precision, **backend}
+        if m.model.get("loras"):
+            info["loras"] = [f"{lora['file']}:{float(lora['scale']):g}" for lora in m.model["loras"]]
+        if m.adapter:
+            info.update(adapter=m.adapter.get("name"), adapter_sha256=m.adapter.get("sha256"),
+                        adapter_parameters=m.adapter.get("parameters"))
+        return info
+
+
+class GraphRuntime(BundleRuntime):
+    """The runtime protocol over ``run``, for backends whose graphs match the ONNX bundle's I/O."""
+
+    latent_channels: int
+    text_tokens: int
+    text_dim: int
+
+    def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def _timestep(t: np.ndarray | float | int) -> np.ndarray:
+        return np.asarray(t, dtype=np.float32).reshape(-1)  # [1]
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [1,77] int64 -> last hidden state [1,77,D] float32."""
+        return self.run("text_encoder", ids)
+
+    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+        """One SUN forward (adapter fused): eps [1,4,h,w]."""
+        return self.run("unet", latents, self._timestep(t), pos, neg)
+
+    def require_baseline(self) -> None:
+        """Raise unless the bundle has the UNet without the adapter (exported with ``--with-baseline``)."""
+        if "unet_plain" not in self.manifest.components:
+            raise SunEdgeError(f"bundle {self.bundle.path} has no UNet without the adapter, which CFG mode needs; "
+                               "re-export it with --with-baseline")
+
+    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
+        """The UNet without the adapter, batch 1 or 2 (the CFG baseline): eps [B,4,h,w]."""
+        self.require_baseline()
+        batch = check_input("unet_plain input sample", latents, (None, self.latent_channels, None, None), np.float32).shape[0]
+        check_input("unet_plain input encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
+        return self.run("unet_plain", latents, self._timestep(t), emb)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1] (1/scaling_factor inside the graph)."""
+        return self.run("vae_decoder", latents)
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """Image [1,3,H,W] in [-1, 1] -> scaled latents [1,4,H/8,W/8] (the posterior mean)."""
+        return self.run("vae_encoder", image)
