@@ -39,6 +39,44 @@ def test_the_check_names_what_tensorrt_rejects(tmp_path):
     assert graphs.unsupported(tmp_path / "m.onnx") == ["op StringNormalizer", "dtype DOUBLE"]
 
 
+def test_the_operator_table_names_only_real_onnx_operators():
+    """No made-up names: every row is a registered ONNX operator, but for the matrix's three legacy ones."""
+    rows = graphs.SUPPORTED_OPS | graphs.NOT_SUPPORTED_OPS
+    assert not graphs.SUPPORTED_OPS & graphs.NOT_SUPPORTED_OPS
+    assert {op for op in rows if not onnx.defs.has(op)} == graphs.LEGACY_OPS
+    assert graphs.LEGACY_OPS <= graphs.SUPPORTED_OPS
+    assert "AttentionLayerNormalization" not in graphs.SUPPORTED_OPS
+    assert all(types <= graphs.SUPPORTED_DTYPES for types in graphs.OP_TYPES.values())
+    assert "STFT" not in graphs.SUPPORTED_OPS  # a 10.5 addition: past the V100 limit
+
+
+def _one_node_model(path, op, elem_type):
+    x = onnx.helper.make_tensor_value_info("x", elem_type, [2, 3])
+    y = onnx.helper.make_tensor_value_info("y", elem_type, None)
+    graph = onnx.helper.make_graph([onnx.helper.make_node(op, ["x"], ["y"])], "g", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("op", ["Compress", "SplitToSequence", "DynamicQuantizeLinear"])
+def test_operators_the_matrix_marks_unsupported_are_reported(op, tmp_path):
+    assert op in graphs.NOT_SUPPORTED_OPS  # all three were in the old, hand-written list
+    node = onnx.helper.make_node(op, ["x"], ["y"])
+    x = onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [x], []))
+    onnx.save(model, tmp_path / "m.onnx")
+    assert f"op {op}" in graphs.unsupported(tmp_path / "m.onnx")
+
+
+def test_an_operator_used_with_a_type_its_row_does_not_list_is_reported(tmp_path):
+    assert "INT64" not in graphs.OP_TYPES["Softmax"] and "INT32" in graphs.OP_TYPES["Relu"]
+    softmax = _one_node_model(tmp_path / "s.onnx", "Softmax", TensorProto.INT64)
+    assert graphs.unsupported(softmax) == ["op Softmax with INT64"]
+    assert graphs.unsupported(_one_node_model(tmp_path / "r.onnx", "Relu", TensorProto.INT32)) == []
+    assert graphs.unsupported(_one_node_model(tmp_path / "h.onnx", "Sigmoid", TensorProto.FLOAT16)) == []
+
+
 def test_volta_pass_puts_attention_logits_in_fp32(onnx_fp16_bundle, tmp_path):
     source = onnx_fp16_bundle / "unet.onnx"
     original = onnx.load(str(source))
