@@ -34,6 +34,7 @@ TARGETS = MappingProxyType({
     "coreml": "sun_edge.export.coreml",
     "tensorrt": "sun_edge.export.tensorrt",
 })
+TINY_DECODER_TARGETS = ("onnx",)  # targets that can carry TAESD as ``vae_decoder_tiny``
 Precision = Literal["fp32", "fp16"]
 ParityFn = Callable[["TorchRuntime", Path], dict[str, Any]]
 
@@ -83,19 +84,48 @@ def adapter_entry(reference: TorchRuntime, path: Path | str | None = None) -> di
             "extra_positive": bool(reference.adapter.extra_positive)}
 
 
+def tiny_decoder_entry(reference: TorchRuntime) -> dict[str, Any] | None:
+    """The manifest's ``vae_decoder_tiny``: the TAESD weights' name, path, sha256, parameter count (None without one)."""
+    from sun_edge.taesd import weights_file
+    from sun_edge.weights import sha256_file
+
+    tiny = reference.tiny_decoder
+    if tiny is None:
+        return None
+    path = Path(tiny.source)
+    return {"name": path.name, "path": str(path), "sha256": sha256_file(weights_file(path)),
+            "parameters": sum(p.numel() for p in tiny.parameters())}
+
+
+def refuse_tiny_decoder(reference: TorchRuntime, target: str) -> None:
+    """Raise for a reference carrying a TAESD decoder when ``target`` cannot export it (one line)."""
+    if target not in TINY_DECODER_TARGETS and reference.tiny_decoder is not None:
+        raise SunEdgeError(_tiny_target_message(target))
+
+
+def _tiny_target_message(target: str) -> str:
+    return (f"--vae-decoder tiny:PATH applies to --target {', '.join(TINY_DECODER_TARGETS)}; {target} bundles decode "
+            "with the model's VAE only (drop --vae-decoder)")
+
+
 def export(target: str, model: str, out: Path | str, *, adapter: Path | str | None = None,
            loras: Sequence[tuple[Path, float]] = (), allow_pickle: bool = False,
            options: ExportOptions = ExportOptions(), force: bool = False, parity: ParityFn | None = None,
-           progress: bool = True) -> Path:
+           progress: bool = True, vae_decoder: str | None = None) -> Path:
     """Load ``model`` with its adapter (float32 reference) and write a ``target`` bundle to ``out``.
 
-    Checks the target, the options and the destination (``force`` to replace an existing one)
-    before loading anything. Returns the bundle's path.
+    ``vae_decoder``: ``"full"`` (or None) or ``"tiny:PATH"``: also export that TAESD decoder as
+    ``vae_decoder_tiny`` (ONNX only; the full VAE is always exported). Checks the target, the
+    options, the decoder spec and the destination (``force`` to replace an existing one) before
+    loading anything. Returns the bundle's path.
     """
     from sun_edge.bundle import check_destination
+    from sun_edge.taesd import parse_vae_decoder
 
     module = target_module(target)
     options.validate()
+    if parse_vae_decoder(vae_decoder) is not None and target not in TINY_DECODER_TARGETS:
+        raise SunEdgeError(_tiny_target_message(target))
     out = Path(out)
     check_destination(out, force)
 
@@ -103,7 +133,7 @@ def export(target: str, model: str, out: Path | str, *, adapter: Path | str | No
     from sun_edge.models import resolve_model
     from sun_edge.runtimes.pytorch import TorchRuntime
 
-    reference = TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle)
+    reference = TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle, vae_decoder=vae_decoder)
     if reference.adapter is None:
         raise SunEdgeError(f"model {model} has no SUN adapter beside it: pass --adapter PATH "
                            "(exports fuse the adapter into the UNet)")

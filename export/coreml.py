@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from sun_edge.bundle import Component, Manifest, TensorSpec, bundle_writer, describe_files, open_bundle, write_manifest
 from sun_edge.errors import SunEdgeError
-from sun_edge.export import ExportOptions, ParityFn, Precision, adapter_entry, model_entry, modules
+from sun_edge.export import ExportOptions, ParityFn, Precision, adapter_entry, model_entry, modules, refuse_tiny_decoder
 from sun_edge.export import coreml_convert as cc
 from sun_edge.export.coreml_attention import AttentionForm, attention_form, check_attention_form
 from sun_edge.runtimes.coreml import Backend
@@ -289,6 +289,7 @@ def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptio
 
     options = CoreMLOptions.of(options)
     options.validate()  # before anything is loaded or written
+    refuse_tiny_decoder(reference, TARGET)
     plans = plan(reference, options)
     model = model if model is not None else model_entry(reference)
     adapter = adapter if adapter is not None else adapter_entry(reference)

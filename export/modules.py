@@ -9,7 +9,8 @@ Each wrapper gives its component the call signature and semantics of the runtime
 - ``PlainUNetGraph``: the same UNet without the adapter (the CFG baseline's forward);
 - ``VAEDecoderGraph``: sampler latents -> image in [-1, 1] (``1/scaling_factor`` and the clamp
   inside the graph);
-- ``VAEEncoderGraph``: image in [-1, 1] -> scaled posterior mean.
+- ``VAEEncoderGraph``: image in [-1, 1] -> scaled posterior mean;
+- ``TinyDecoderGraph``: sampler latents -> image in [-1, 1] through TAESD (``sun_edge.taesd``).
 
 Half precision (``half_precision``) follows one rule, written where the computation is, so
 that every exporter (ONNX, and through it TensorRT's strongly typed mode) sees explicit casts:
@@ -99,6 +100,17 @@ class VAEEncoderGraph(nn.Module):
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         mean = self.vae.encode(sample.to(self.dtype)).latent_dist.mean  # [B, 4, H/8, W/8]
         return mean.float() * self.scaling_factor
+
+
+class TinyDecoderGraph(nn.Module):
+    """TAESD: sampler latents [B,4,h,w] (no 1/0.18215) -> image [B,3,8h,8w] in [-1, 1], like ``TorchRuntime.decode_tiny``."""
+
+    def __init__(self, tiny_decoder: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tiny_decoder, self.dtype = tiny_decoder, dtype
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.tiny_decoder(latents.to(self.dtype)).float()  # [B, 3, 8h, 8w]; the clamp is TinyDecoder's
 
 
 class FP32Norm(nn.Module):

@@ -11,12 +11,17 @@ it (``onnx.checker`` and its I/O against what the manifest will say). Components
   ``encoder_hidden_states`` and ``negative_encoder_hidden_states`` [1,77,D] -> ``noise_pred``;
 - ``unet_plain`` (``with_baseline``): the UNet without the adapter, batch 1 or 2 (CFG);
 - ``vae_decoder``: ``latent_sample`` (the sampler's latents) -> ``sample`` in [-1, 1];
-- ``vae_encoder``: ``sample`` (image in [-1, 1]) -> ``latent_sample`` (scaled posterior mean).
+- ``vae_encoder``: ``sample`` (image in [-1, 1]) -> ``latent_sample`` (scaled posterior mean);
+- ``vae_decoder_tiny`` (when the reference has a TAESD decoder, ``--vae-decoder tiny:PATH``):
+  ``latents`` (the sampler's, as they are) -> ``image`` in [-1, 1].
 
 Precision ``fp16``: the text encoder and the UNets are float16 with float32 islands written as
 explicit casts (``modules.py``: softmax, GroupNorm/LayerNorm, the adapter's norm ratio, the
 timestep sinusoids); graph inputs and outputs stay float32. Both VAE graphs stay float32: SD1.5's
 VAE decoder overflows float16 at full resolution, and each component records its own precision.
+TAESD's decoder is float16 in an fp16 bundle: it has no attention and no normalisation, its
+input is soft-clamped to |x| < 3 and its activations stay small, and the export's parity check
+(its own ``vae_decoder_tiny`` threshold) holds it to that.
 
 Why not optimum's ONNX export configs: since optimum 2.0 they live in ``optimum-onnx``, whose
 only release (0.1.0) requires ``transformers<4.58`` and ``optimum~=2.1`` while sun-edge runs on
@@ -43,7 +48,7 @@ from tqdm import tqdm
 
 from sun_edge.bundle import Component, Manifest, TensorSpec, bundle_writer, describe_files, open_bundle, write_manifest
 from sun_edge.errors import SunEdgeError
-from sun_edge.export import ExportOptions, ParityFn, adapter_entry, model_entry
+from sun_edge.export import ExportOptions, ParityFn, adapter_entry, model_entry, tiny_decoder_entry
 from sun_edge.export import modules
 from sun_edge.export import onnx_graph as graphs
 from sun_edge.runtimes.pytorch import TorchRuntime
@@ -104,6 +109,11 @@ def plan(reference: TorchRuntime, options: ExportOptions) -> list[GraphPlan]:
         GraphPlan("vae_encoder", lambda: modules.VAEEncoderGraph(reference.vae, torch.float32),
                   (TensorSpec("sample", f32, image),), (TensorSpec("latent_sample", f32, latents),), "fp32"),
     ]
+    if reference.tiny_decoder is not None:
+        tiny = reference.tiny_decoder
+        plans.append(GraphPlan("vae_decoder_tiny", lambda: modules.TinyDecoderGraph(fp(tiny), dtype),
+                               (TensorSpec("latents", f32, latents),), (TensorSpec("image", f32, image),),
+                               options.precision))
     return plans
 
 
@@ -198,6 +208,7 @@ def build_manifest(reference: TorchRuntime, options: ExportOptions, components: 
         scheduler={"name": sun.scheduler, "spacing": sun.spacing, "steps": sun.steps},
         baseline={"name": base.scheduler, "spacing": base.spacing, "steps": base.steps, "guidance": base.guidance},
         tokenizer=tokenizer, sun_edge_version=_version(), parity=dict(parity or {}),
+        vae_decoder_tiny=tiny_decoder_entry(reference),
         extra={"opset": graphs.OPSET, "exporter": f"torch {torch.__version__} torch.onnx (dynamo)",
                "cleaner": f"onnxscript {_package_version('onnxscript')}"},
     )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sun_edge.bundle import MANIFEST, Manifest, open_bundle
 from sun_edge.errors import SunEdgeError
-from sun_edge.export import ExportOptions, ParityFn
+from sun_edge.export import ExportOptions, ParityFn, refuse_tiny_decoder
 from sun_edge.export import tensorrt_rules as rules
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptio
     """Write the ONNX bundle of ``reference`` for TensorRT to ``out``; build engines if ``build`` (default: if possible)."""
     from sun_edge.export import onnx as onnx_target
 
+    refuse_tiny_decoder(reference, TARGET)
     path = onnx_target.export_bundle(reference, out, options, model=model, adapter=adapter, force=force,
                                      parity=parity, progress=progress)  # parity runs it with ONNX Runtime
     mark_tensorrt(path)  # one atomic manifest replace: until then it is a complete ONNX bundle

@@ -38,10 +38,12 @@ def runtime_module(name: str) -> ModuleType:
     return importlib.import_module(RUNTIMES[name])
 
 
-def open_bundle_runtime(bundle: Any, *, provider: str = "cpu", compute_units: str = "all", cuda_graphs: bool = True) -> Any:
+def open_bundle_runtime(bundle: Any, *, provider: str = "cpu", compute_units: str = "all", cuda_graphs: bool = True,
+                        vae_decoder: str = "full") -> Any:
     """The runtime for an opened bundle, chosen by its manifest's target; options that do not apply are refused.
 
-    ``provider`` is ONNX Runtime's execution provider, ``compute_units`` Core ML's, ``cuda_graphs`` TensorRT's.
+    ``provider`` is ONNX Runtime's execution provider, ``compute_units`` Core ML's, ``cuda_graphs`` TensorRT's;
+    ``vae_decoder`` ``tiny`` decodes with the TAESD graph of an ONNX bundle exported with one.
     """
     target = bundle.manifest.target
     if target not in BUNDLE_RUNTIMES:
@@ -51,9 +53,12 @@ def open_bundle_runtime(bundle: Any, *, provider: str = "cpu", compute_units: st
                            + ("; use --compute-units" if target == "coreml" else ""))
     if compute_units != "all" and target != "coreml":
         raise SunEdgeError(f"--compute-units applies to coreml bundles; this is a {target} bundle")
+    if vae_decoder != "full" and target != "onnx":
+        raise SunEdgeError(f"--vae-decoder {vae_decoder} applies to onnx bundles (exported with --vae-decoder tiny:PATH); "
+                           f"this is a {target} bundle, which decodes with the model's VAE")
     module = runtime_module(BUNDLE_RUNTIMES[target])
     if target == "onnx":
-        return module.OnnxRuntime(bundle, provider)
+        return module.OnnxRuntime(bundle, provider, vae_decoder)
     if target == "coreml":
         return module.CoreMLRuntime(bundle, compute_units)
     return module.TensorRTRuntime(bundle, cuda_graphs=cuda_graphs)

@@ -7,7 +7,7 @@ libraries.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -48,12 +48,49 @@ class BundleRuntime:
         return info
 
 
+Decoder = Literal["full", "tiny"]
+DECODERS: tuple[str, ...] = ("full", "tiny")
+TINY_DECODER = "vae_decoder_tiny"  # the bundle component of TAESD's decoder
+
+
 class GraphRuntime(BundleRuntime):
-    """The runtime protocol over ``run``, for backends whose graphs match the ONNX bundle's I/O."""
+    """The runtime protocol over ``run``, for backends whose graphs match the ONNX bundle's I/O.
+
+    ``decode`` uses the decoder chosen with ``use_decoder`` (default ``full``: the model's VAE);
+    ``decode_full`` and ``decode_tiny`` name each one, as ``TorchRuntime``'s do.
+    """
 
     latent_channels: int
     text_tokens: int
     text_dim: int
+    info: dict[str, Any]
+    _decoder: Decoder = "full"
+
+    def use_decoder(self, decoder: Decoder) -> None:
+        """Choose what ``decode`` runs: ``full`` (``vae_decoder``) or ``tiny`` (TAESD, ``vae_decoder_tiny``)."""
+        if decoder not in DECODERS:
+            raise SunEdgeError(f"unknown VAE decoder {decoder!r} for a bundle; valid decoders: {', '.join(DECODERS)}")
+        if decoder == "tiny":
+            self.require_tiny_decoder()
+        self._decoder = decoder
+        self.info.pop("vae_decoder", None)
+        if decoder == "tiny":  # as TorchRuntime: "tiny:<TAESD source name>"
+            self.info["vae_decoder"] = f"tiny:{(self.manifest.vae_decoder_tiny or {}).get('name') or TINY_DECODER}"
+
+    @property
+    def decoder(self) -> Decoder:
+        """Which decoder ``decode`` uses."""
+        return self._decoder
+
+    @property
+    def has_tiny_decoder(self) -> bool:
+        return TINY_DECODER in self.manifest.components
+
+    def require_tiny_decoder(self) -> None:
+        """Raise unless the bundle has TAESD's decoder (exported with ``--vae-decoder tiny:PATH``)."""
+        if not self.has_tiny_decoder:
+            raise SunEdgeError(f"bundle {self.bundle.path} has no TAESD decoder ({TINY_DECODER}.onnx); re-export it "
+                               "with --vae-decoder tiny:PATH, or use --vae-decoder full")
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -84,8 +121,17 @@ class GraphRuntime(BundleRuntime):
         return self.run("unet_plain", latents, self._timestep(t), emb)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1] (1/scaling_factor inside the graph)."""
+        """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1], with the chosen decoder (``decoder``)."""
+        return self.decode_tiny(latents) if self._decoder == "tiny" else self.decode_full(latents)
+
+    def decode_full(self, latents: np.ndarray) -> np.ndarray:
+        """The model's VAE: latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1] (1/scaling_factor inside the graph)."""
         return self.run("vae_decoder", latents)
+
+    def decode_tiny(self, latents: np.ndarray) -> np.ndarray:
+        """TAESD: latents [1,4,h,w] as the sampler returns them -> image [1,3,8h,8w] in [-1, 1]."""
+        self.require_tiny_decoder()
+        return self.run(TINY_DECODER, latents)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """Image [1,3,H,W] in [-1, 1] -> scaled latents [1,4,H/8,W/8] (the posterior mean)."""

@@ -3,7 +3,7 @@
     from sun_edge import Pipeline
     from sun_edge.runtimes.onnxruntime import OnnxRuntime
 
-    runtime = OnnxRuntime.open("toonyou-onnx", provider="cpu")
+    runtime = OnnxRuntime.open("toonyou-onnx", provider="cpu")  # vae_decoder="tiny": TAESD, if exported
     images = Pipeline(runtime, runtime.tokenizer()).generate("a cat", "blurry")
 
 Sessions are created per component on first use, with the execution provider chosen by name
@@ -26,7 +26,7 @@ import onnxruntime as ort
 from sun_edge.bundle import MANIFEST, Bundle, TensorSpec, open_bundle
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes import check_input
-from sun_edge.runtimes.base import GraphRuntime
+from sun_edge.runtimes.base import Decoder, GraphRuntime
 
 PROVIDERS = MappingProxyType({
     "cpu": "CPUExecutionProvider",
@@ -68,11 +68,15 @@ def _first_line(error: BaseException) -> str:
 
 
 class OnnxRuntime(GraphRuntime):
-    """Runtime protocol (``encode_text``, ``unet``, ``unet_plain``, ``decode``, ``encode``) over an ONNX bundle."""
+    """Runtime protocol (``encode_text``, ``unet``, ``unet_plain``, ``decode``, ``encode``) over an ONNX bundle.
+
+    ``vae_decoder``: what ``decode`` runs, ``full`` (the model's VAE) or ``tiny`` (the bundle's TAESD
+    graph, ``vae_decoder_tiny``); ``decode_full`` and ``decode_tiny`` run either.
+    """
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, provider: str = "cpu") -> None:
+    def __init__(self, bundle: Bundle, provider: str = "cpu", vae_decoder: Decoder = "full") -> None:
         manifest = bundle.manifest
         if manifest.target not in TARGETS:
             raise SunEdgeError(f"bundle {bundle.path} is a {manifest.target} bundle; the onnxruntime runtime runs "
@@ -85,11 +89,12 @@ class OnnxRuntime(GraphRuntime):
         self.scaling_factor = float(manifest.latent["scaling_factor"])
         self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
         self.info = self.manifest_info(provider=self.provider)
+        self.use_decoder(vae_decoder)
 
     @classmethod
-    def open(cls, path: Path | str, provider: str = "cpu") -> OnnxRuntime:
+    def open(cls, path: Path | str, provider: str = "cpu", vae_decoder: Decoder = "full") -> OnnxRuntime:
         """Open and check a bundle directory (sessions are created on first use)."""
-        return cls(open_bundle(path), provider)
+        return cls(open_bundle(path), provider, vae_decoder)
 
     def session(self, component: str) -> ort.InferenceSession:
         """The component's session, created on first use; its declared I/O must match the manifest."""

@@ -17,6 +17,7 @@ from torch import nn
 from sun_edge.adapter import SUNAdapter, find_adapter, load_adapter
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes import check_input
+from sun_edge.runtimes.torch_speed import Optimize, check_optimize, optimized
 from sun_edge.unet import SUNUNet
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -36,6 +37,7 @@ class TorchRuntime:
     info: dict[str, Any] = field(default_factory=dict)
     name: str = "pytorch"
     tiny_decoder: nn.Module | None = None  # TAESD (sun_edge.taesd.TinyDecoder): ``decode`` uses it when set
+    optimize: Optimize = "none"  # UNet calls: eager, CUDA graphs and/or torch.compile (runtimes/torch_speed.py)
 
     def __post_init__(self) -> None:
         self.sun_unet = SUNUNet(self.unet_module, self.adapter) if self.adapter is not None else None
@@ -44,6 +46,11 @@ class TorchRuntime:
                 if next(module.parameters()).dtype != self.dtype:
                     module.to(dtype=self.dtype)
                 module.to(self.device).eval().requires_grad_(False)
+        self._sun_call = optimized(self.sun_unet, self.optimize, self.device) if self.sun_unet is not None else None
+        self._plain_call = optimized(self.sun_unet.plain if self.sun_unet is not None else self._plain, self.optimize,
+                                     self.device)
+        if self.optimize != "none":
+            self.info["optimize"] = self.optimize
         self.text_dim = int(self.text_encoder.config.hidden_size)
         self.latent_channels = int(self.vae.config.latent_channels)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -58,12 +65,14 @@ class TorchRuntime:
     @classmethod
     def load(cls, model: str, adapter: str | Path | None = None, *, loras: tuple[tuple[Path, float], ...] = (),
              allow_pickle: bool = False, device: str = "cpu", precision: Precision = "fp32",
-             vae_decoder: str | None = None) -> "TorchRuntime":
+             vae_decoder: str | None = None, optimize: Optimize = "none") -> "TorchRuntime":
         """Load a model (registry name or path) and an adapter file (default: one shipped beside the model).
 
         ``vae_decoder``: ``"full"`` (or None) decodes with the model's VAE; ``"tiny:PATH"`` with a TAESD
-        decoder (``sun_edge.taesd``), the full VAE staying available as ``decode_full``.
+        decoder (``sun_edge.taesd``), the full VAE staying available as ``decode_full``. ``optimize``:
+        how UNet calls run (``sun_edge.runtimes.torch_speed``), checked before anything loads.
         """
+        check_optimize(optimize, device)
         from sun_edge.models import load_model
         from sun_edge.taesd import load_tiny_decoder, parse_vae_decoder
         from sun_edge.weights import sha256_file
@@ -83,7 +92,7 @@ class TorchRuntime:
         if tiny_path is not None:
             info["vae_decoder"] = f"tiny:{tiny_path.name}"
         return cls(loaded.unet, loaded.text_encoder, loaded.vae, sun_adapter, device, DTYPES[precision], info,
-                   tiny_decoder=tiny)
+                   tiny_decoder=tiny, optimize=optimize)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
@@ -109,7 +118,7 @@ class TorchRuntime:
         batch = self._latents("sample", latents).shape[0]
         check_input("encoder_hidden_states", pos, (batch, self.text_tokens, self.text_dim), np.float32)
         check_input("negative_encoder_hidden_states", neg, (batch, self.text_tokens, self.text_dim), np.float32)
-        eps = self.sun_unet(self._tensor(latents), self._timestep(t), self._tensor(pos), self._tensor(neg))
+        eps = self._sun_call(self._tensor(latents), self._timestep(t), self._tensor(pos), self._tensor(neg))
         return eps.float().cpu().numpy()
 
     @torch.no_grad()
@@ -117,11 +126,15 @@ class TorchRuntime:
         """The UNet without the adapter (batched CFG baseline): eps [B,4,h,w]."""
         batch = self._latents("sample", latents).shape[0]
         check_input("encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
-        module = self.sun_unet.plain if self.sun_unet is not None else self._plain
-        return module(self._tensor(latents), self._timestep(t), self._tensor(emb)).float().cpu().numpy()
+        return self._plain_call(self._tensor(latents), self._timestep(t), self._tensor(emb)).float().cpu().numpy()
 
     def _plain(self, sample: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.unet_module(sample, t, emb, return_dict=False)[0]
+
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at: the UNet's sample size times the VAE's factor (SD1.5: 512)."""
+        return int(self.unet_module.config.sample_size) * self.vae_scale_factor
 
     @property
     def decoder(self) -> Literal["full", "tiny"]:

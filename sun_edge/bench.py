@@ -56,6 +56,14 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def gpu_peak_mib() -> float | None:
+    """Peak memory PyTorch's CUDA allocator handed out in this process, in MiB; None without CUDA in use."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def machine_info() -> dict[str, Any]:
     """CPU count, platform, and the versions/threads of the inference libraries already loaded."""
     info: dict[str, Any] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -63,6 +71,8 @@ def machine_info() -> dict[str, Any]:
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     if "onnxruntime" in sys.modules:
         info["onnxruntime"] = sys.modules["onnxruntime"].__version__
     return info
@@ -123,6 +133,8 @@ class BenchResult:
         lines.append(f"peak RSS {memory['peak_rss_mib_after_load']:.0f} MiB after loading, "
                      f"{memory['peak_rss_mib_after_warmup']:.0f} MiB after one call of each form, "
                      f"{memory['peak_rss_mib_after_runs']:.0f} MiB after the runs (whole process)")
+        if memory.get("gpu_peak_mib") is not None:
+            lines.append(f"GPU: {self.info['machine'].get('gpu')}, peak {memory['gpu_peak_mib']:.0f} MiB allocated by PyTorch")
         return "\n".join(lines)
 
 
@@ -184,6 +196,7 @@ def run_bench(runtime: Runtime, *, repeats: int = 3, height: int = 512, width: i
              **(info or {}), "machine": machine_info(),
              "memory": {"peak_rss_mib_after_load": rss_loaded, "peak_rss_mib_after_warmup": rss_warm,
                         "peak_rss_mib_after_runs": peak_rss_mib(),
+                        "gpu_peak_mib": gpu_peak_mib(),
                         "covers": "peak resident set size of the whole process (ru_maxrss): Python, libraries, "
                                   "weights, activations; a high-water mark since the process started"}}
     return BenchResult(seconds, calls, {form: s.steps for form, (_, s) in images.items()}, about)

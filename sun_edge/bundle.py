@@ -2,8 +2,9 @@
 
 The manifest says everything a runtime needs to drive the graphs without PyTorch: the target
 and precision, image and latent geometry, each component's file(s) with their input/output
-names, dtypes and shapes, the model and adapter the graphs were made from (names, sha256),
-scheduler defaults, tokenizer files, the sun-edge version, and the parity measured at export.
+names, dtypes and shapes, the model and adapter the graphs were made from (names, sha256), and
+the TAESD decoder when the bundle has one, scheduler defaults, tokenizer files, the sun-edge
+version, and the parity measured at export.
 
 A bundle is written into a temporary sibling directory and renamed into place only when
 complete (``bundle_writer``), so a failed export never leaves a half bundle that looks valid.
@@ -74,6 +75,7 @@ class Manifest:
     sun_edge_version: str
     parity: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # target-specific (e.g. TensorRT engines)
+    vae_decoder_tiny: dict[str, Any] | None = None  # TAESD source of the vae_decoder_tiny graph: name, path, sha256, parameters
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -88,7 +90,8 @@ class Manifest:
         if data.get("format_version") != FORMAT_VERSION:
             raise SunEdgeError(f"{where}: bundle format version {data.get('format_version')!r} is not supported "
                                f"(this sun-edge reads version {FORMAT_VERSION}); re-export the bundle")
-        required = {f for f in cls.__dataclass_fields__ if f not in ("parity", "extra", "format", "format_version", "adapter")}
+        optional = ("parity", "extra", "format", "format_version", "adapter", "vae_decoder_tiny")
+        required = {f for f in cls.__dataclass_fields__ if f not in optional}
         missing = sorted(required - data.keys())
         if missing:
             raise SunEdgeError(f"{where}: missing field(s) {', '.join(missing)}; the manifest was edited or is incomplete")

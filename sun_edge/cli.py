@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sun_edge.errors import SunEdgeError
+from sun_edge.runtimes.torch_speed import OPTIMIZATIONS
 
 DEFAULT_MODEL = "tiny-random"
 
@@ -43,14 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spacing", help="trailing, leading or linspace (default: trailing for sun, linspace for cfg)")
     g.add_argument("--guidance", type=float, default=8.0, help="CFG scale for --mode cfg and for --compare's baseline (default 8)")
     g.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds; one image each")
-    g.add_argument("--height", type=int, help="default: 512, or the bundle's size with --bundle")
-    g.add_argument("--width", type=int, help="default: 512, or the bundle's size with --bundle")
+    g.add_argument("--height", type=int, help="default: the model's own size (SD1.5: 512), or the bundle's with --bundle")
+    g.add_argument("--width", type=int, help="default: the model's own size (SD1.5: 512), or the bundle's with --bundle")
     g.add_argument("--noise", choices=["torch", "numpy"], default="torch", help="torch: same noise as diffusers for a seed (default); numpy: NumPy's generator")
     g.add_argument("--compare", action="store_true", help="write one image: SUN 4 steps beside CFG 25 steps, same seed, labelled")
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps")
+    g.add_argument("--optimize", default="none", choices=OPTIMIZATIONS,
+                   help="with --model: UNet calls eager (none), as CUDA graphs, or through torch.compile (default: none)")
     g.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH",
-                   help="full: the model's VAE (default); tiny:PATH: a TAESD decoder (diffusers folder or .safetensors), faster")
+                   help="full: the model's VAE (default); tiny:PATH: a TAESD decoder (diffusers folder or .safetensors), "
+                        "faster; with --bundle: full or tiny (the TAESD graph exported into it)")
     g.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path; several seeds add -s<seed> to the name")
 
     sub.add_parser("models", help="list the model registry and what is installed ($SUN_EDGE_HOME/models)")
@@ -63,7 +67,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_engines_parser(sub)
     _add_check_parsers(sub)
     _add_train_parser(sub)
+    _add_eval_parser(sub)
     return parser
+
+
+def _add_eval_parser(sub: Any) -> None:
+    """The ``eval`` subcommand: the paper's tables in miniature on the Pocket SD family."""
+    v = sub.add_parser("eval", help="Pocket SD: Table 2 (4-step samplers vs 25-step CFG), Table 4 (MSC p), Fig. 5 "
+                                    "(negative prompts), scored by the world's attribute classifier")
+    v.add_argument("--model", action="append", metavar="NAME|PATH",
+                   help="models to evaluate, the base first (default: pocket-base pocket-toon)")
+    v.add_argument("--adapter", help="SUN adapter trained on the first model (default: the one beside it)")
+    v.add_argument("--msc-adapter", action="append", default=[], metavar="LABEL:PATH",
+                   help="Table 4: an adapter trained with another MSC probability, e.g. p=0:sun-p0.safetensors")
+    v.add_argument("--prompts", type=int, default=64, help="Table 2 prompts, one seed each (default 64)")
+    v.add_argument("--negative-seeds", type=int, default=8, help="Fig. 5 seeds per shape (default 8; 0 skips Fig. 5)")
+    v.add_argument("--classifier", help="attribute classifier weights (default: the shipped one)")
+    v.add_argument("-o", "--output", type=Path, required=True, help="folder for eval.json, tables.md and the grids")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import shlex
+
+    from sun_edge.pocket.report import EvalRequest, run_eval
+
+    if args.prompts < 1 or args.negative_seeds < 0:
+        raise SunEdgeError("--prompts must be at least 1 and --negative-seeds at least 0")
+    msc = []
+    for text in args.msc_adapter:
+        label, sep, path = text.partition(":")
+        if not sep or not label or not path:
+            raise SunEdgeError(f"bad --msc-adapter {text!r}: write LABEL:PATH, e.g. p=0:sun-p0.safetensors")
+        msc.append((label, path))
+    request = EvalRequest(models=tuple(args.model or ("pocket-base", "pocket-toon")), adapter=args.adapter,
+                          msc_adapters=tuple(msc), prompts=args.prompts, negative_seeds=args.negative_seeds,
+                          classifier=args.classifier, command="sun-edge " + shlex.join(args.argv))
+    report = run_eval(request, args.output)
+    print(report.markdown())
+    print(f"wrote {args.output}/eval.json, tables.md and the grids ({report.seconds:.0f} s)")
+    return 0
 
 
 def _add_train_parser(sub: Any) -> None:
@@ -121,11 +163,17 @@ def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
 
     if args.adapter or args.lora:
         raise SunEdgeError("--adapter and --lora are fused into a bundle at export; drop them with --bundle")
-    if (args.precision, args.device, args.vae_decoder) != ("fp32", "cpu", "full"):
-        raise SunEdgeError("--precision, --device and --vae-decoder apply to --model; a bundle's are fixed at export "
+    if (args.precision, args.device) != ("fp32", "cpu"):
+        raise SunEdgeError("--precision and --device apply to --model; a bundle's are fixed at export "
                            "(choose the hardware with --provider)")
+    if args.vae_decoder not in ("full", "tiny"):
+        raise SunEdgeError(f"--vae-decoder {args.vae_decoder} applies to --model; with --bundle use full or tiny "
+                           "(the TAESD graph exported into the bundle with --vae-decoder tiny:PATH)")
+    if args.optimize != "none":
+        raise SunEdgeError("--optimize applies to --model (the PyTorch runtime); a TensorRT bundle captures CUDA graphs "
+                           "itself (--no-cuda-graphs turns that off)")
     runtime = open_bundle_runtime(bundle, provider=args.provider, compute_units=args.compute_units,
-                                  cuda_graphs=not args.no_cuda_graphs)
+                                  cuda_graphs=not args.no_cuda_graphs, vae_decoder=args.vae_decoder)
     if args.mode == "cfg" or args.compare:
         runtime.require_baseline()  # before sampling starts
     return runtime, runtime.tokenizer()
@@ -137,7 +185,8 @@ def _torch_runtime(args: argparse.Namespace, mode: str) -> Any:
 
     loras = tuple(parse_lora_arg(text) for text in args.lora)
     runtime = TorchRuntime.load(args.model, args.adapter, loras=loras, allow_pickle=args.allow_pickle,
-                                device=args.device, precision=args.precision, vae_decoder=args.vae_decoder)
+                                device=args.device, precision=args.precision, vae_decoder=args.vae_decoder,
+                                optimize=args.optimize)
     if mode == "sun" and runtime.adapter is None:
         raise SunEdgeError(f"model {args.model} has no SUN adapter beside it: pass --adapter PATH, or --mode cfg")
     return runtime
@@ -160,7 +209,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bundle = open_bundle(args.bundle)
         defaults, baseline_defaults = _bundle_settings(args, bundle)
     else:
-        size = {"height": args.height or 512, "width": args.width or 512}
+        runtime = _torch_runtime(args, args.mode)
+        size = {"height": args.height or runtime.native_size, "width": args.width or runtime.native_size}
         base, cfg = (Settings() if args.mode == "sun" else Settings.baseline()), Settings.baseline()
         defaults = {**size, "steps": base.steps, "scheduler": base.scheduler, "spacing": base.spacing}
         baseline_defaults = {**size, "steps": cfg.steps, "scheduler": cfg.scheduler, "spacing": cfg.spacing}
@@ -171,7 +221,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         runtime, tokenizer = _bundle_runtime(args, bundle)
         pipe = Pipeline(runtime, tokenizer)
     else:
-        runtime = _torch_runtime(args, settings.mode)
         pipe = Pipeline(runtime)
     info = runtime.info
     if info.get("adapter_parameters"):
@@ -266,6 +315,9 @@ def _add_export_parser(sub: Any) -> None:
     e.add_argument("--height", type=int, default=512, help="image height the graphs are made for (static; default 512)")
     e.add_argument("--width", type=int, default=512, help="image width the graphs are made for (static; default 512)")
     e.add_argument("--with-baseline", action="store_true", help="also export the UNet without the adapter (batch 1 or 2) for --mode cfg")
+    e.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH",
+                   help="tiny:PATH: also export this TAESD decoder (diffusers folder or .safetensors) as vae_decoder_tiny, "
+                        "for generate --vae-decoder tiny (onnx target only; default: full, the model's VAE alone)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     c = e.add_argument_group("coreml target")
@@ -319,7 +371,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                 with_baseline=args.with_baseline)
     loras = tuple(parse_lora_arg(text) for text in args.lora)
     path = export(args.target, args.model, args.output, adapter=args.adapter, loras=loras, allow_pickle=args.allow_pickle,
-                  options=options, force=args.force, parity=_export_parity(args.target))
+                  options=options, force=args.force, parity=_export_parity(args.target), vae_decoder=args.vae_decoder)
     print(f"wrote {path}")
     return 0
 
@@ -343,6 +395,8 @@ def _add_check_parsers(sub: Any) -> None:
     p.add_argument("--model", help="reference model (default: the path recorded in the bundle's manifest)")
     p.add_argument("--adapter", help="reference adapter (default: the path recorded in the bundle's manifest)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRAs merged at export (default: as recorded)")
+    p.add_argument("--vae-decoder", metavar="tiny:PATH",
+                   help="reference TAESD decoder for a bundle that has one (default: the path recorded in its manifest)")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider (default: cpu)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -355,9 +409,11 @@ def _add_check_parsers(sub: Any) -> None:
     b.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH", help="with --model: also time a TAESD decoder")
     b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="with --model (default: fp32)")
     b.add_argument("--device", default="cpu", help="with --model: torch device (default: cpu)")
+    b.add_argument("--optimize", default="none", choices=OPTIMIZATIONS,
+                   help="with --model: UNet calls eager (none), as CUDA graphs, or through torch.compile (default: none)")
     b.add_argument("--provider", default="cpu", help="with --bundle: ONNX Runtime execution provider (default: cpu)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per form, after one warm-up (default 3)")
-    b.add_argument("--size", type=int, help="image height = width (default: the bundle's, else 512)")
+    b.add_argument("--size", type=int, help="image height = width (default: the bundle's, or the model's own: SD1.5 512)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--steps-only", action="store_true", help="time the UNet steps and decoders only, not whole images")
     b.add_argument("--json", type=Path, help="also write every figure (and the machine) to this file")
@@ -384,7 +440,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
         raise SunEdgeError(f"--seeds must be at least 1, got {args.seeds}")
     loras = [parse_lora_arg(text) for text in args.lora] if args.lora else None
     check = check_bundle(args.bundle, seeds=range(args.seeds), model=args.model, adapter=args.adapter, loras=loras,
-                         allow_pickle=args.allow_pickle, provider=args.provider)
+                         allow_pickle=args.allow_pickle, provider=args.provider, vae_decoder=args.vae_decoder)
     for problem in check.mismatches:
         print(f"warning: the reference is not what {args.bundle} was exported from: {problem}", file=sys.stderr)
     print(check.report.table())
@@ -398,13 +454,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _check_json_path(args.json)
     info: dict[str, Any] = {}
-    size = (args.size, args.size) if args.size else (512, 512)
+    size = (args.size, args.size) if args.size else None
     if args.bundle:
         from sun_edge.bundle import open_bundle
         from sun_edge.parity import open_bundle_runtime
 
         if args.adapter or args.vae_decoder != "full":
-            raise SunEdgeError("--adapter and --vae-decoder apply to --model; a bundle has its graphs built in")
+            raise SunEdgeError("--adapter and --vae-decoder apply to --model; a bundle has its graphs built in "
+                               "(its TAESD decoder, if exported, is timed as well)")
         manifest = open_bundle(args.bundle).manifest
         size = size if args.size else (int(manifest.image["height"]), int(manifest.image["width"]))
         runtime = open_bundle_runtime(args.bundle, args.provider)
@@ -413,8 +470,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from sun_edge.runtimes.pytorch import TorchRuntime
 
         runtime = TorchRuntime.load(args.model or DEFAULT_MODEL, args.adapter, device=args.device,
-                                    precision=args.precision, vae_decoder=args.vae_decoder)
-        info.update(precision=args.precision, device=args.device, vae_decoder=args.vae_decoder)
+                                    precision=args.precision, vae_decoder=args.vae_decoder, optimize=args.optimize)
+        info.update(precision=args.precision, device=args.device, vae_decoder=args.vae_decoder, optimize=args.optimize)
+        size = size or (runtime.native_size, runtime.native_size)
     result = run_bench(runtime, repeats=args.repeats, height=size[0], width=size[1], steps_only=args.steps_only,
                        seed=args.seed, info=info)
     print(result.table())
@@ -424,7 +482,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "models": cmd_models, "adapter": cmd_adapter, "parity": cmd_parity, "bench": cmd_bench,
-            "train": cmd_train, "export": cmd_export, "build-engines": cmd_build_engines}
+            "train": cmd_train, "export": cmd_export, "build-engines": cmd_build_engines, "eval": cmd_eval}
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -433,7 +491,9 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(argv) if argv is not None else sys.argv[1:]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given, for reports that record how they were made
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

@@ -106,3 +106,27 @@ def side_by_side(images: Sequence[Image.Image], labels: Sequence[Sequence[str]],
             draw.text((x, pad + tile.height + pad + i * line_h), line, fill="black", font=font)
         x += tile.width + pad
     return sheet
+
+
+def grid(cells: Sequence[Sequence[np.ndarray]], col_labels: Sequence[str], row_labels: Sequence[str] = (),
+         scale: int = 2) -> Image.Image:
+    """uint8 images [H,W,3] in rows and columns (scaled up ``scale`` times, pixelated), labelled above and left."""
+    h, w = cells[0][0].shape[:2]
+    th, tw = h * scale, w * scale
+    font_size = max(11, tw // 9)
+    font = _font(font_size)
+    pad, line_h = 4, int(font_size * 1.35)
+    left = (max((int(font.getlength(s)) for s in row_labels), default=0) + 2 * pad) if row_labels else 0
+    top = line_h + 2 * pad
+    sheet = Image.new("RGB", (left + len(cells[0]) * (tw + pad) + pad, top + len(cells) * (th + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, label in enumerate(col_labels):
+        draw.text((left + pad + j * (tw + pad), pad), label, fill="black", font=font)
+    for i, row in enumerate(cells):
+        y = top + i * (th + pad)
+        if i < len(row_labels):
+            draw.text((pad, y + th // 2 - line_h // 2), row_labels[i], fill="black", font=font)
+        for j, cell in enumerate(row):
+            tile = Image.fromarray(np.asarray(cell, np.uint8)).resize((tw, th), Image.NEAREST)
+            sheet.paste(tile, (left + pad + j * (tw + pad), y))
+    return sheet

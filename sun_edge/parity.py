@@ -414,8 +414,13 @@ def reference_mismatches(manifest: Any, info: dict[str, Any],
 
 
 def reference_for_bundle(manifest: Any, *, model: str | None = None, adapter: str | None = None,
-                         loras: Sequence[tuple[Path, float]] | None = None, allow_pickle: bool = False) -> Runtime:
-    """The PyTorch reference a bundle was exported from: the manifest's model/adapter ``path``s unless overridden."""
+                         loras: Sequence[tuple[Path, float]] | None = None, allow_pickle: bool = False,
+                         vae_decoder: str | None = None) -> Runtime:
+    """The PyTorch reference a bundle was exported from: the manifest's model/adapter ``path``s unless overridden.
+
+    A bundle with a TAESD graph gets its TAESD decoder too (``vae_decoder`` ``tiny:PATH``, default the
+    path its manifest records), so that ``vae_decoder_tiny`` is checked against its own PyTorch module.
+    """
     from sun_edge.runtimes.pytorch import TorchRuntime
 
     model = model or (manifest.model or {}).get("path")
@@ -431,16 +436,38 @@ def reference_for_bundle(manifest: Any, *, model: str | None = None, adapter: st
             raise SunEdgeError(f"the bundle was exported with LoRA(s) {', '.join(unknown)} and its manifest records no "
                                "path for them; pass each with --lora FILE[:SCALE]")
         loras = [(Path(x["path"]), float(x.get("scale", 1.0))) for x in recorded]
-    return TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle)
+    if "vae_decoder_tiny" in getattr(manifest, "components", {}):
+        recorded_tiny = (getattr(manifest, "vae_decoder_tiny", None) or {}).get("path")
+        if not vae_decoder and not recorded_tiny:
+            raise SunEdgeError("the bundle has a TAESD decoder and its manifest records no path for it; pass "
+                               "--vae-decoder tiny:PATH (the TAESD weights it was exported from)")
+        vae_decoder = vae_decoder or f"tiny:{recorded_tiny}"
+    elif vae_decoder not in (None, "full"):
+        raise SunEdgeError("--vae-decoder checks a bundle's TAESD decoder, and this bundle has none (vae_decoder_tiny)")
+    return TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle, vae_decoder=vae_decoder)
+
+
+def _tiny_mismatch(manifest: Any, reference: Any) -> tuple[str, ...]:
+    """How the reference's TAESD weights differ from those the bundle recorded (sha256), if they do."""
+    from sun_edge.taesd import weights_file
+    from sun_edge.weights import sha256_file
+
+    recorded = (getattr(manifest, "vae_decoder_tiny", None) or {}).get("sha256")
+    tiny = getattr(reference, "tiny_decoder", None)
+    if not recorded or tiny is None:
+        return ()
+    actual = sha256_file(weights_file(Path(tiny.source)))
+    return () if actual == recorded else (f"TAESD decoder sha256 {actual[:12]}... differs from the bundle's {recorded[:12]}...",)
 
 
 def check_bundle(bundle_dir: Path, *, seeds: Sequence[int] = (0,), model: str | None = None, adapter: str | None = None,
                  loras: Sequence[tuple[Path, float]] | None = None, allow_pickle: bool = False,
-                 provider: str = "cpu") -> BundleCheck:
+                 provider: str = "cpu", vae_decoder: str | None = None) -> BundleCheck:
     """``sun-edge parity``: re-run the export's parity check on a bundle, against its reference model."""
     from sun_edge.bundle import open_bundle
 
     manifest = open_bundle(bundle_dir).manifest
-    reference = reference_for_bundle(manifest, model=model, adapter=adapter, loras=loras, allow_pickle=allow_pickle)
-    mismatches = reference_mismatches(manifest, getattr(reference, "info", {}), loras)
+    reference = reference_for_bundle(manifest, model=model, adapter=adapter, loras=loras, allow_pickle=allow_pickle,
+                                     vae_decoder=vae_decoder)
+    mismatches = reference_mismatches(manifest, getattr(reference, "info", {}), loras) + _tiny_mismatch(manifest, reference)
     return BundleCheck(bundle_report(reference, bundle_dir, seeds=seeds, provider=provider), mismatches)

@@ -162,6 +162,7 @@ class Pipeline:
             "Model hash": model_hash[:10] if model_hash else None,
             "Model": info.get("model"),
             "Lora": ", ".join(info["loras"]) if info.get("loras") else None,
+            "VAE decoder": info.get("vae_decoder"),  # "tiny:<TAESD>" when not the model's VAE
             "SUN": "on" if sun else "off (CFG baseline)",
             "SUN adapter": info.get("adapter") if sun else None,
             "SUN adapter sha256": info.get("adapter_sha256") if sun else None,

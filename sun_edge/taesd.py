@@ -53,6 +53,11 @@ def parse_vae_decoder(spec: str | None) -> Path | None:
     return Path(path).expanduser()
 
 
+def weights_file(path: Path) -> Path:
+    """The weights file of a TAESD source as ``load_tiny_decoder`` reads it: the folder's, or the file itself."""
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
 class TinyDecoder(nn.Module):
     """TAESD's decoder: sampler latents [B,C,h,w] -> image [B,3,8h,8w] in [-1, 1]."""
 

@@ -150,7 +150,7 @@ def edit_manifest(bundle: Path, edit) -> None:
     (["--height", "128"], "makes 64x64 images (its graphs have static shapes)"),
     (["--adapter", "x.safetensors"], "--adapter and --lora are fused into a bundle at export"),
     (["--provider", "gpu"], "unknown provider 'gpu'; valid providers: cpu, cuda, tensorrt, coreml"),
-    (["--precision", "fp16"], "--precision, --device and --vae-decoder apply to --model"),
+    (["--precision", "fp16"], "--precision and --device apply to --model"),
 ])
 def test_bad_generate_from_bundle_is_one_line(bundle_copy, tmp_path, capsys, args, message):
     (bundle_copy / "unet_plain.onnx").unlink()  # a bundle exported without --with-baseline
