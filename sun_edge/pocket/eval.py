@@ -1,0 +1,158 @@
+"""``sun-edge eval``: the paper's claims measured in miniature on the Pocket SD family.
+
+The synthetic world knows every image's true attributes, so an attribute classifier trained on it
+(``sun_edge.pocket.classifier``) stands in for CLIP score and Inception features:
+
+- **adherence**: the share of a prompt's attributes (shape, colour, size, count, background) the
+  classifier reads back from the generated image, averaged over prompts; ``all``: the share of
+  images with every attribute right;
+- **FD**: the Fréchet distance between the classifier's penultimate features of the generated
+  images and of real world images of the same scenes in the model's style (FID's recipe with
+  our own feature extractor; lower is better);
+- **PSNR**: paired, in dB on 8-bit pixels (peak 255), against the reference image of the same
+  prompt and seed: 25 DPM-Solver++ steps with CFG 8 (``Settings.baseline()``).
+
+Tables (the paper's numbering):
+
+- **Table 2**: DDIM 4 steps and DPM-Solver++ 4 steps (both with CFG 8, trailing spacing) and SUN
+  4 steps, against the 25-step reference, per model; the adapter is trained on pocket-base only,
+  so on the other models it is plugged in untrained, as SUN is on SD1.5 fine-tunes.
+- **Table 4**: SUN 4 steps with adapters trained at MSC probability p = 0, 0.1, 0.25.
+- **Fig. 5**: negative prompts still steer: for the prompt ``a <shape>`` with and without the
+  negative prompt ``<colour>``, the share of images the classifier reads as that colour, for CFG 25
+  and SUN 4 (the other colours' images are the control).
+
+Everything is generated through ``Pipeline`` on any runtime, from fixed seeds, batch 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sun_edge.pipeline import Pipeline, Settings
+from sun_edge.pocket.world import ATTRIBUTES, COLOURS, SHAPES, Scene, eval_prompts, render, stylize
+
+GUIDANCE = 8.0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    settings: Settings
+
+
+def methods(size: int) -> dict[str, Method]:
+    """The samplers compared in Table 2, at ``size`` x ``size`` pixels; ``cfg25`` is the reference."""
+    common = dict(height=size, width=size)
+    return {
+        "cfg25": Method("cfg25", "DPM-Solver++ 25 steps, CFG 8 (reference)", Settings.baseline(**common)),
+        "ddim4": Method("ddim4", "DDIM 4 steps, CFG 8", Settings(mode="cfg", steps=4, scheduler="ddim",
+                                                                 spacing="trailing", guidance=GUIDANCE, **common)),
+        "dpmpp4": Method("dpmpp4", "DPM-Solver++ 4 steps, CFG 8", Settings(mode="cfg", steps=4, scheduler="dpmpp_2m",
+                                                                         spacing="trailing", guidance=GUIDANCE, **common)),
+        "sun4": Method("sun4", "SUN 4 steps (DDIM, no CFG)", Settings(**common)),
+    }
+
+
+def image_psnr(ref: np.ndarray, out: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (peak 255); inf when identical."""
+    mse = float(np.mean((ref.astype(np.float64) - out.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def generate_images(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
+                    negative: str | Sequence[str] = "", progress: Callable[[], None] | None = None) -> np.ndarray:
+    """uint8 [len(prompts), H, W, 3]: prompt i with seed i (and negative i, or one negative for all)."""
+    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    images = []
+    for prompt, seed, neg in zip(prompts, seeds, negatives, strict=True):
+        images.append(np.asarray(pipe.generate(prompt, neg, seeds=[seed], settings=settings)[0].image.convert("RGB")))
+        if progress is not None:
+            progress()
+    return np.stack(images)  # [N, H, W, 3]
+
+
+@dataclass
+class Scores:
+    """One method on one model: adherence per attribute and overall, FD, paired PSNR."""
+
+    adherence: dict[str, float]  # attribute -> share read back right; "mean", "all"
+    fd: float
+    psnr: float | None  # against the reference (None for the reference itself)
+    psnr_per_image: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adherence": self.adherence, "fd": self.fd, "psnr": self.psnr, "psnr_per_image": self.psnr_per_image}
+
+
+def adherence(pred: dict[str, np.ndarray], scenes: Sequence[Scene]) -> dict[str, float]:
+    """Share of prompts whose attribute the classifier reads back, per attribute, their mean, and all-right."""
+    from sun_edge.pocket.classifier import VALUES
+
+    right = {}
+    for a in ATTRIBUTES:
+        truth = np.array([s.count if a == "count" else VALUES[a].index(getattr(s, a)) for s in scenes])
+        right[a] = pred[a] == truth  # [N] bool
+    out = {a: float(r.mean()) for a, r in right.items()}
+    out["mean"] = float(np.mean([out[a] for a in ATTRIBUTES]))
+    out["all"] = float(np.logical_and.reduce([right[a] for a in ATTRIBUTES]).mean())
+    return out
+
+
+def real_images(scenes: Sequence[Scene], seed: int, style: str, size: int) -> np.ndarray:
+    """World renders of ``scenes`` (their own layout draws) in ``style``: the FD's real side, uint8 [N,H,W,3]."""
+    return np.stack([stylize(render(s, np.random.default_rng([seed, i, 0xFD]), size), style)
+                     for i, s in enumerate(scenes)])
+
+
+def score(classifier: Any, images: np.ndarray, scenes: Sequence[Scene], real_feats: np.ndarray,
+          reference: np.ndarray | None) -> Scores:
+    from sun_edge.pocket.classifier import extract_features, frechet_distance, predict
+
+    fd = frechet_distance(extract_features(classifier, images), real_feats)
+    per_image = [image_psnr(r, o) for r, o in zip(reference, images)] if reference is not None else []
+    return Scores(adherence(predict(classifier, images), scenes), fd,
+                  float(np.mean(per_image)) if per_image else None, per_image)
+
+
+@dataclass
+class NegativeSteering:
+    """Fig. 5 for one method: share of each colour without and with that colour as the negative prompt."""
+
+    without: dict[str, float]  # colour -> share of images read as that colour, no negative prompt
+    with_negative: dict[str, float]  # colour -> share read as that colour when it is the negative prompt
+
+    def mean(self) -> tuple[float, float]:
+        return float(np.mean(list(self.without.values()))), float(np.mean(list(self.with_negative.values())))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"without": self.without, "with_negative": self.with_negative, "mean": self.mean()}
+
+
+def negative_steering(pipe: Pipeline, classifier: Any, settings: Settings, *, seeds_per_shape: int,
+                      colours: Sequence[str] = COLOURS, progress: Callable[[], None] | None = None) -> NegativeSteering:
+    """``a <shape>`` for every shape, ``seeds_per_shape`` seeds; once with no negative, once per colour as it."""
+    from sun_edge.pocket.classifier import predict
+
+    prompts = [f"a {shape}" for shape in SHAPES for _ in range(seeds_per_shape)]
+    seeds = [1000 + i for i in range(len(prompts))]
+    base = predict(classifier, generate_images(pipe, prompts, seeds, settings, "", progress))["colour"]
+    without, with_neg = {}, {}
+    for colour in colours:
+        index = COLOURS.index(colour)
+        without[colour] = float((base == index).mean())
+        steered = predict(classifier, generate_images(pipe, prompts, seeds, settings, colour, progress))["colour"]
+        with_neg[colour] = float((steered == index).mean())
+    return NegativeSteering(without, with_neg)
+
+
+def table2_prompts(n: int, seed: int = 2023) -> tuple[list[str], list[Scene], list[int]]:
+    """``n`` fully specified prompts (``world.eval_prompts``), their scenes, and one seed each."""
+    pairs = eval_prompts(n, seed)
+    return [scene.caption(mention) for scene, mention in pairs], [scene for scene, _ in pairs], list(range(n))

@@ -1,0 +1,174 @@
+"""Run the Pocket SD evaluation (``sun_edge.pocket.eval``) and write its tables, figures and JSON.
+
+``run_eval(EvalRequest(...), out_dir)`` writes into ``out_dir``:
+
+- ``eval.json``: every figure (per attribute, per image PSNR, per colour), the request and the machine;
+- ``tables.md``: Table 2, Table 4 and Fig. 5 as Markdown, with the command line that made them;
+- ``grid-<model>.png``: the first prompts of Table 2, one row each, one column per method;
+- ``negative.png``: Fig. 5's pictures: ``a circle`` with and without the negative ``red``, CFG 25 and SUN 4.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from sun_edge import imaging
+from sun_edge.errors import SunEdgeError
+from sun_edge.pipeline import Pipeline, Settings
+from sun_edge.pocket.eval import (
+    NegativeSteering,
+    Scores,
+    generate_images,
+    methods,
+    negative_steering,
+    real_images,
+    score,
+    table2_prompts,
+)
+
+GRID_ROWS = 6
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What to evaluate. ``models[0]`` is the base the adapters were trained on."""
+
+    models: tuple[str, ...]
+    adapter: str | None = None  # default: the adapter shipped beside models[0]
+    msc_adapters: tuple[tuple[str, str], ...] = ()  # Table 4: (label such as "p=0", path)
+    prompts: int = 64  # Table 2 prompts (one seed each)
+    negative_seeds: int = 8  # Fig. 5: seeds per shape and condition
+    size: int = 64
+    classifier: str | None = None  # default: the shipped classifier
+    styles: tuple[tuple[str, str], ...] = ()  # (model, world style) for the FD's real images; default by name
+    command: str = ""
+
+    def style(self, model: str) -> str:
+        return dict(self.styles).get(model, "toon" if "toon" in Path(model).name else "plain")
+
+
+@dataclass
+class EvalReport:
+    request: EvalRequest
+    table2: dict[str, dict[str, Scores]] = field(default_factory=dict)  # model -> method -> scores
+    table4: dict[str, Scores] = field(default_factory=dict)  # label -> SUN-4 scores on models[0]
+    fig5: dict[str, NegativeSteering] = field(default_factory=dict)  # "cfg25" / "sun4" -> steering
+    labels: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request": asdict(self.request), "seconds": self.seconds, "machine": platform.platform(),
+                "methods": self.labels,
+                "table2": {m: {k: s.to_dict() for k, s in v.items()} for m, v in self.table2.items()},
+                "table4": {k: s.to_dict() for k, s in self.table4.items()},
+                "fig5": {k: v.to_dict() for k, v in self.fig5.items()}}
+
+    def markdown(self) -> str:
+        req = self.request
+        out = [f"Command: `{req.command}`" if req.command else "", "",
+               f"### Table 2: 4-step samplers against the 25-step reference ({req.prompts} prompts, one seed each, "
+               f"{req.size}x{req.size})", "",
+               "| model | method | adherence (mean) | all attributes right | FD (lower is better) | PSNR vs reference (dB) |",
+               "|---|---|---|---|---|---|"]
+        for model, rows in self.table2.items():
+            for name, s in rows.items():
+                psnr = "reference" if s.psnr is None else f"{s.psnr:.2f}"
+                out.append(f"| {model} | {self.labels[name]} | {s.adherence['mean']:.3f} | {s.adherence['all']:.3f} "
+                           f"| {s.fd:.2f} | {psnr} |")
+        if self.table4:
+            out += ["", f"### Table 4: MSC probability p (SUN 4 steps on {req.models[0]})", "",
+                    "| adapter | adherence (mean) | all attributes right | FD | PSNR vs reference (dB) |", "|---|---|---|---|---|"]
+            for label, s in self.table4.items():
+                out.append(f"| {label} | {s.adherence['mean']:.3f} | {s.adherence['all']:.3f} | {s.fd:.2f} | {s.psnr:.2f} |")
+        if self.fig5:
+            out += ["", f"### Fig. 5: negative prompts steer SUN (prompt `a <shape>`, {req.negative_seeds} seeds per "
+                    f"shape, on {req.models[0]})", "",
+                    "Share of images the classifier reads as colour C, without a negative prompt and with C as the "
+                    "negative prompt.", "",
+                    "| method | " + " | ".join(next(iter(self.fig5.values())).without) + " | mean |",
+                    "|---|" + "---|" * (len(next(iter(self.fig5.values())).without) + 1)]
+            for name, steer in self.fig5.items():
+                cells = [f"{steer.without[c]:.2f} -> {steer.with_negative[c]:.2f}" for c in steer.without]
+                a, b = steer.mean()
+                out.append(f"| {self.labels[name]} | " + " | ".join(cells) + f" | {a:.3f} -> {b:.3f} |")
+        return "\n".join(out).strip() + "\n"
+
+
+def _runtime(model: str, adapter: str | None) -> Any:
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    runtime = TorchRuntime.load(model, adapter)
+    if runtime.adapter is None:
+        raise SunEdgeError(f"model {model} has no SUN adapter beside it: pass --adapter PATH")
+    return runtime
+
+
+def run_eval(request: EvalRequest, out_dir: Path, *, progress: bool = True) -> EvalReport:
+    """Generate, score and write everything (module docstring). ``out_dir`` is created; files are replaced."""
+    from sun_edge.pocket.classifier import DEFAULT_WEIGHTS, extract_features, load_classifier
+
+    if not request.models:
+        raise SunEdgeError("give at least one --model")
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classifier = load_classifier(request.classifier or DEFAULT_WEIGHTS)
+    table = methods(request.size)
+    prompts, scenes, seeds = table2_prompts(request.prompts)
+    report = EvalReport(request, labels={k: m.label for k, m in table.items()})
+    total = (len(request.models) * len(table) + len(request.msc_adapters)) * len(prompts)
+    total += 2 * (1 + 8) * 4 * request.negative_seeds if request.negative_seeds else 0
+    bar = tqdm(total=total, desc="eval", unit="image", disable=not progress)
+    tick = lambda: bar.update(1)  # noqa: E731
+
+    base_runtime = None
+    for model in request.models:
+        runtime = _runtime(model, request.adapter)
+        base_runtime = base_runtime or runtime
+        pipe = Pipeline(runtime)
+        real = extract_features(classifier, real_images(scenes, 7, request.style(model), request.size))
+        images = {name: generate_images(pipe, prompts, seeds, m.settings, "", tick) for name, m in table.items()}
+        ref = images["cfg25"]
+        report.table2[model] = {name: score(classifier, imgs, scenes, real, None if name == "cfg25" else ref)
+                                for name, imgs in images.items()}
+        rows = [[images[name][i] for name in table] for i in range(min(GRID_ROWS, len(prompts)))]
+        imaging.grid(rows, list(table), [p[:40] for p in prompts[:GRID_ROWS]], scale=2).save(
+            out_dir / f"grid-{Path(model).name}.png")
+        if model == request.models[0]:
+            base_ref, base_real = ref, real
+
+    for label, path in request.msc_adapters:
+        pipe = Pipeline(_runtime(request.models[0], path))
+        imgs = generate_images(pipe, prompts, seeds, table["sun4"].settings, "", tick)
+        report.table4[label] = score(classifier, imgs, scenes, base_real, base_ref)
+
+    if request.negative_seeds:
+        pipe = Pipeline(base_runtime)
+        for name in ("cfg25", "sun4"):
+            report.fig5[name] = negative_steering(pipe, classifier, table[name].settings,
+                                                  seeds_per_shape=request.negative_seeds, progress=tick)
+        _negative_figure(pipe, table, out_dir / "negative.png")
+    bar.close()
+    report.seconds = time.perf_counter() - start
+    (out_dir / "eval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    (out_dir / "tables.md").write_text(report.markdown())
+    return report
+
+
+def _negative_figure(pipe: Pipeline, table: dict[str, Any], path: Path, shape: str = "circle",
+                     colour: str = "red", seeds: int = 8) -> None:
+    """Rows: CFG 25 and SUN 4, each without and with the negative prompt; columns: seeds."""
+    rows, labels = [], []
+    prompts, seed_list = [f"a {shape}"] * seeds, list(range(2000, 2000 + seeds))
+    for name in ("cfg25", "sun4"):
+        settings: Settings = table[name].settings
+        for negative in ("", colour):
+            rows.append(list(generate_images(pipe, prompts, seed_list, settings, negative)))
+            labels.append(f"{name}, neg: {negative or '(none)'}")
+    imaging.grid(rows, [f"seed {s}" for s in seed_list], labels, scale=2).save(path)

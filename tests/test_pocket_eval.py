@@ -1,0 +1,105 @@
+"""``sun-edge eval``: metrics against hand computations, Fig. 5's counting, and a whole run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sun_edge.cli import main
+from sun_edge.pocket.classifier import VALUES, load_classifier
+from sun_edge.pocket.eval import adherence, image_psnr, methods, negative_steering, table2_prompts
+from sun_edge.pocket.report import EvalRequest
+from sun_edge.pocket.world import COLOURS, Scene, render
+
+
+def test_image_psnr_by_hand():
+    ref = np.zeros((4, 4, 3), np.uint8)
+    out = ref.copy()
+    out[0, 0, 0] = 16  # mse = 256 / 48
+    assert image_psnr(ref, out) == pytest.approx(10 * math.log10(255**2 * 48 / 256))
+    assert image_psnr(ref, ref) == math.inf
+
+
+def test_adherence_counts_each_attribute_and_all_right():
+    scenes = [Scene("circle", "red", "small", 1, "blue"), Scene("star", "green", "large", 3, "white")]
+    pred = {a: np.array([VALUES[a].index(getattr(s, a)) if a != "count" else s.count for s in scenes])
+            for a in ("shape", "colour", "size", "count", "background")}
+    pred["colour"] = np.array([VALUES["colour"].index("red"), VALUES["colour"].index("blue")])  # second wrong
+    got = adherence(pred, scenes)
+    assert got["colour"] == 0.5 and got["shape"] == 1.0
+    assert got["mean"] == pytest.approx((4 + 0.5) / 5)
+    assert got["all"] == 0.5
+
+
+def test_methods_are_the_papers_table2_rows():
+    table = methods(64)
+    assert table["cfg25"].settings.steps == 25 and table["cfg25"].settings.scheduler == "dpmpp_2m"
+    assert table["cfg25"].settings.mode == "cfg" and table["cfg25"].settings.guidance == 8.0
+    assert {n: (m.settings.mode, m.settings.steps, m.settings.scheduler) for n, m in table.items() if n != "cfg25"} == {
+        "ddim4": ("cfg", 4, "ddim"), "dpmpp4": ("cfg", 4, "dpmpp_2m"), "sun4": ("sun", 4, "ddim")}
+    assert all(m.settings.height == m.settings.width == 64 for m in table.values())
+
+
+def test_table2_prompts_are_fixed_and_fully_specified():
+    a, b = table2_prompts(12), table2_prompts(12)
+    assert a == b
+    prompts, scenes, seeds = a
+    assert seeds == list(range(12))
+    assert all(s.colour in p and s.shape in p and s.background in p for p, s in zip(prompts, scenes))
+
+
+@dataclass
+class _Result:
+    image: Image.Image
+
+
+class _ColourPipe:
+    """World renders instead of a model: red shapes, blue when the negative prompt is 'red'; stars always green."""
+
+    def generate(self, prompt, negative, seeds, settings):
+        shape = prompt.removeprefix("a ")
+        colour = "green" if shape == "star" else ("blue" if negative == "red" else "red")
+        image = render(Scene(shape, colour, "large", 1, "white"), np.random.default_rng(seeds[0]))
+        return [_Result(Image.fromarray(image))]
+
+
+def test_negative_steering_counts_shares_per_colour():
+    steer = negative_steering(_ColourPipe(), load_classifier(), methods(64)["sun4"].settings, seeds_per_shape=2,
+                              colours=("red", "green"))
+    assert steer.without == {"red": 0.75, "green": 0.25}  # 3 of 4 shapes red, stars green
+    assert steer.with_negative == {"red": 0.0, "green": 0.25}  # 'red' steered to blue; 'green' ignored by the fake
+    assert steer.mean() == (0.5, 0.125)
+
+
+def test_eval_on_the_tiny_model_writes_tables_grids_and_json(home_env, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", "tiny-random", "--prompts", "2", "--negative-seeds", "0", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    data = json.loads((out / "eval.json").read_text())
+    rows = data["table2"]["tiny-random"]
+    assert set(rows) == {"cfg25", "ddim4", "dpmpp4", "sun4"}
+    assert rows["cfg25"]["psnr"] is None and all(len(rows[m]["psnr_per_image"]) == 2 for m in ("ddim4", "dpmpp4", "sun4"))
+    assert all(0.0 <= rows[m]["adherence"]["mean"] <= 1.0 and rows[m]["fd"] >= 0.0 for m in rows)
+    assert "### Table 2" in text and "| tiny-random | SUN 4 steps" in text
+    assert data["request"]["command"].startswith("sun-edge eval --model tiny-random")
+    grid = Image.open(out / "grid-tiny-random.png")
+    assert grid.width > 4 * 128 and grid.height > 2 * 128  # 4 methods x 2 prompts, 64 px scaled twice
+
+
+def test_bad_msc_adapter_is_one_line(home_env, tmp_path, capsys):
+    code = main(["eval", "--model", "tiny-random", "--msc-adapter", "nolabel", "-o", str(tmp_path / "e")])
+    assert code == 2
+    assert "bad --msc-adapter 'nolabel'" in capsys.readouterr().err
+
+
+def test_styles_default_by_model_name():
+    request = EvalRequest(models=("pocket-base", "pocket-toon"))
+    assert request.style("pocket-base") == "plain" and request.style("pocket-toon") == "toon"
+    assert EvalRequest(models=("x",), styles=(("x", "toon"),)).style("x") == "toon"
+    assert len(COLOURS) == 8
