@@ -33,6 +33,7 @@ fp16 graphs need the float32 islands, so each would still need the wrappers abov
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import warnings
@@ -184,6 +185,7 @@ def convert(graph: GraphPlan, directory: Path, *, external_data_bytes: int = gra
     stage("save")
     files = graphs.save(model, directory / graph.file, external_data_bytes)
     del model
+    gc.collect()  # the exported program and its copies of the weights sit in reference cycles: free them now
     stage("check")
     graphs.check_graph(directory / graph.file, graph.inputs, graph.outputs)
     sizes, hashes = describe_files(directory, files)

@@ -116,6 +116,10 @@ class OnnxRuntime(GraphRuntime):
         self._sessions[component] = session
         return session
 
+    def release(self, component: str) -> None:
+        """Drop the component's session (and its weights and memory arena); the next call opens it again."""
+        self._sessions.pop(component, None)
+
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""
         comp = self._component(component)

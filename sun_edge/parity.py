@@ -289,33 +289,43 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
         if component in found:
             found[component].append((psnr(ref, out), max_abs(ref, out), where))
 
+    # One component at a time, all seeds, then its candidate session is released (``release``, where the
+    # runtime has one): a full-size fp16 bundle on a CPU holds one UNet's weights at a time, not two.
+    release = getattr(candidate, "release", lambda component: None)
     ids = {"prompt": tokenizer.encode(prompt), "negative prompt": tokenizer.encode(negative_prompt)}  # [1, 77] each
     emb = {name: reference.encode_text(x) for name, x in ids.items()}  # [1, 77, D] each
     if "text_encoder" in found:
         for name, x in ids.items():
             measure("text_encoder", emb[name], candidate.encode_text(x), name)
+        release("text_encoder")
     pos, neg = emb["prompt"], emb["negative prompt"]
-    timesteps: list[int] = []
-    for seed in seeds:
-        path = sun_trajectory(ref_pipe, pos, neg, seed, settings)
-        timesteps = [int(t[0]) for _, t, _ in path.steps]
-        for i, (x, t, eps) in enumerate(path.steps):
-            where = f"seed {seed}, step {i + 1} (t={int(t[0])})"
-            if "unet" in found:
-                measure("unet", eps, candidate.unet(x, t, pos, neg), where)
-            if "unet_plain" in found:
-                x2, context = np.concatenate([x, x]), np.concatenate([neg, pos])  # [2, 4, h, w], [2, 77, D]
-                measure("unet_plain", reference.unet_plain(x2, t, context), candidate.unet_plain(x2, t, context), where)
-        image = full_decoder(reference)(path.final)  # [1, 3, H, W]: the reference pipeline's image
-        where = f"seed {seed}"
+    paths = {seed: sun_trajectory(ref_pipe, pos, neg, seed, settings) for seed in seeds}
+    images = {seed: full_decoder(reference)(path.final) for seed, path in paths.items()}  # [1, 3, H, W] each
+    timesteps = [int(t[0]) for _, t, _ in paths[seeds[-1]].steps] if paths else []
+    steps = [(seed, i, x, t, eps) for seed, path in paths.items() for i, (x, t, eps) in enumerate(path.steps)]
+    where = {(seed, i): f"seed {seed}, step {i + 1} (t={int(t[0])})" for seed, i, _, t, _ in steps}
+    if "unet" in found:
+        for seed, i, x, t, eps in steps:
+            measure("unet", eps, candidate.unet(x, t, pos, neg), where[seed, i])
+        release("unet")
+    if "unet_plain" in found:
+        for seed, i, x, t, _ in steps:
+            x2, context = np.concatenate([x, x]), np.concatenate([neg, pos])  # [2, 4, h, w], [2, 77, D]
+            measure("unet_plain", reference.unet_plain(x2, t, context), candidate.unet_plain(x2, t, context),
+                    where[seed, i])
+        release("unet_plain")
+    for seed, path in paths.items():
         if "vae_decoder" in found:
-            measure("vae_decoder", image, full_decoder(candidate)(path.final), where)
+            measure("vae_decoder", images[seed], full_decoder(candidate)(path.final), f"seed {seed}")
         if "vae_decoder_tiny" in found:
-            measure("vae_decoder_tiny", reference.decode_tiny(path.final), candidate.decode_tiny(path.final), where)
+            measure("vae_decoder_tiny", reference.decode_tiny(path.final), candidate.decode_tiny(path.final),
+                    f"seed {seed}")
         if "vae_encoder" in found:
-            measure("vae_encoder", reference.encode(image), candidate.encode(image), where)
-        if "image" in found:
-            measure("image", image, pipeline_image(cand_pipe, prompt, negative_prompt, seed, settings), where)
+            measure("vae_encoder", reference.encode(images[seed]), candidate.encode(images[seed]), f"seed {seed}")
+    if "image" in found:
+        for seed in seeds:
+            measure("image", images[seed], pipeline_image(cand_pipe, prompt, negative_prompt, seed, settings),
+                    f"seed {seed}")
     rows = tuple(_row(c, found[c], limits[c], precisions[c]) for c in active)
     inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "seeds": [int(s) for s in seeds],
               "steps": settings.steps, "scheduler": settings.scheduler, "spacing": settings.spacing,
