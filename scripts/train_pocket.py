@@ -1,0 +1,292 @@
+"""Retrain the Pocket SD family from scratch, stage by stage, into OUT_DIR.
+
+    python scripts/train_pocket.py OUT_DIR [--device cpu|cuda] [--precision fp32|bf16] [--quick]
+                                   [--stages data vae base toon classifier sun sun-p0 sun-p0.25]
+                                   [--threads N] [--scale X] [--save-precision fp16|fp32]
+
+On a CPU shared with other work, ``--threads 1`` is several times faster than PyTorch's default
+(its OpenMP threads spin against the other processes).
+
+Stages, in order, each writing one output under OUT_DIR and skipped when it already exists
+(so an interrupted run resumes stage by stage; delete an output to redo its stage):
+
+    data        data/plain/, data/toon/   world.write_dataset (PNG + .txt pairs)
+    vae         vae/                      the autoencoder, scaling_factor calibrated
+    base        pocket-base/              text encoder + UNet from scratch (the SD1.5 role)
+    toon        pocket-toon/              pocket-base fine-tuned on toon images (a civitai fine-tune)
+    classifier  classifier.safetensors    the world's attribute classifier (metrics)
+    sun         adapters/sun-p0.1.safetensors   SUN adapter on pocket-base, the trainer's
+                                          defaults (MSC p = 0.1) at resolution 64; also copied
+                                          beside pocket-base and pocket-toon as their adapter
+    sun-p0      adapters/sun-p0.safetensors     the same with MSC p = 0    (paper Table 4)
+    sun-p0.25   adapters/sun-p0.25.safetensors  the same with MSC p = 0.25 (paper Table 4)
+
+Every stage that runs appends one JSON line to OUT_DIR/log.jsonl (stage, output, steps,
+batch size, seconds, final loss, ...). ``--quick`` shrinks every stage to seconds: a smoke
+test of the whole chain, not a usable model. Runs offline on a CPU or with ``--device cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+STAGES = ("data", "vae", "base", "toon", "classifier", "sun", "sun-p0", "sun-p0.25")
+WORLD_SEED = 0  # the training world; the classifier evaluates on world.HELD_OUT-shifted seeds
+ADAPTER_P = {"sun": 0.1, "sun-p0": 0.0, "sun-p0.25": 0.25}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of every stage: (steps, batch size) pairs and dataset sizes."""
+
+    plain_images: int
+    toon_images: int
+    vae: tuple[int, int]
+    base: tuple[int, int]
+    toon: tuple[int, int]
+    classifier: tuple[int, int]
+    classifier_pool: int
+    adapter: tuple[int, int]
+    vae_lr: float = 1e-3
+    base_lr: float = 1e-3
+    toon_lr: float = 2e-4
+    base_ema: float = 0.995
+    toon_ema: float = 0.99
+    warmup: int = 100
+
+
+# Sized for about an hour on 2 CPU cores. Measured on a shared 2-core machine with one torch
+# thread (seconds per step, wall / process CPU): vae 0.33 / 0.28 at batch 16, base 1.22 / 0.85
+# at 32, toon 1.13 / 0.82 at 32, classifier 0.07 (CPU) at 64, SUN adapter 0.74 / 0.66 at 4.
+# Estimate (wall, shared, 1 thread): data ~30 s, vae ~510 s, base ~2440 s, toon ~450 s,
+# classifier ~70 s, three adapters ~900 s: ~73 min; ~57 min of CPU time on one core.
+FULL = Plan(plain_images=8000, toon_images=4000, vae=(1500, 16), base=(2000, 32), toon=(400, 32),
+            classifier=(600, 64), classifier_pool=8192, adapter=(400, 4))
+# For a lent GPU (H100/H200): larger batches, each stage time-boxed (the log records the steps run).
+GPU = Plan(plain_images=8000, toon_images=4000, vae=(4000, 64), base=(20000, 128), toon=(4000, 128),
+           classifier=(600, 64), classifier_pool=8192, adapter=(2000, 16))
+GPU_SECONDS = {"vae": 25.0, "base": 100.0, "toon": 25.0}
+QUICK = Plan(plain_images=48, toon_images=24, vae=(3, 4), base=(3, 4), toon=(2, 4), classifier=(3, 8),
+             classifier_pool=48, adapter=(1, 1), warmup=1)
+
+
+def scaled(plan: Plan, factor: float) -> Plan:
+    """``plan`` with every stage's steps times ``factor`` (datasets and batch sizes unchanged)."""
+    def times(steps_batch: tuple[int, int]) -> tuple[int, int]:
+        return max(1, round(steps_batch[0] * factor)), steps_batch[1]
+
+    return replace(plan, vae=times(plan.vae), base=times(plan.base), toon=times(plan.toon),
+                   classifier=times(plan.classifier), adapter=times(plan.adapter))
+
+
+def outputs(out: Path) -> dict[str, Path]:
+    """Each stage's output path (its existence marks the stage done)."""
+    return {"data": out / "data", "vae": out / "vae", "base": out / "pocket-base", "toon": out / "pocket-toon",
+            "classifier": out / "classifier.safetensors", "sun": out / "adapters" / "sun-p0.1.safetensors",
+            "sun-p0": out / "adapters" / "sun-p0.safetensors", "sun-p0.25": out / "adapters" / "sun-p0.25.safetensors"}
+
+
+def is_done(stage: str, path: Path) -> bool:
+    if stage == "data":
+        return (path / "plain" / "world.json").is_file() and (path / "toon" / "world.json").is_file()
+    if stage == "vae":
+        return (path / "config.json").is_file()
+    if stage in ("base", "toon"):
+        return (path / "unet" / "config.json").is_file()
+    return path.is_file()
+
+
+def stage_config(steps_batch: tuple[int, int], lr: float, args: argparse.Namespace, plan: Plan, seed: int,
+                 stage: str = "") -> Any:
+    from sun_edge.pocket.train_family import StageConfig
+
+    steps, batch = steps_batch
+    limit = GPU_SECONDS.get(stage) if args.plan == "gpu" else None
+    return StageConfig(steps=steps, batch_size=batch, learning_rate=lr, seed=seed, device=args.device,
+                       precision=args.precision, warmup_steps=plan.warmup, progress=not args.no_progress,
+                       max_seconds=limit)
+
+
+def run_data(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    from sun_edge.pocket.world import write_dataset
+
+    dst = outputs(out)["data"]
+    for style, n in (("plain", plan.plain_images), ("toon", plan.toon_images)):
+        if not (dst / style / "world.json").is_file():
+            write_dataset(dst / style, n, seed=WORLD_SEED, style=style, progress=not args.no_progress)
+    return {"plain_images": plan.plain_images, "toon_images": plan.toon_images, "seed": WORLD_SEED}
+
+
+def run_vae(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    from sun_edge.pocket.family import build_components
+    from sun_edge.pocket.train_family import ImageCaptions, train_vae
+
+    data = ImageCaptions.from_folder(outputs(out)["data"] / "plain")
+    vae = build_components(args.seed)["vae"]
+    result = train_vae(vae, data, stage_config(plan.vae, plan.vae_lr, args, plan, args.seed, "vae"))
+    dst = outputs(out)["vae"]
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(dst)
+    return result.to_json()
+
+
+def _load_vae(out: Path) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(outputs(out)["vae"]), local_files_only=True).eval().requires_grad_(False)
+
+
+def run_base(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    from sun_edge.pocket.family import build_components, describe, write_model
+    from sun_edge.pocket.train_family import ImageCaptions, train_base
+
+    data = ImageCaptions.from_folder(outputs(out)["data"] / "plain")
+    components = {**build_components(args.seed), "vae": _load_vae(out)}
+    trained, result = train_base(components, data, stage_config(plan.base, plan.base_lr, args, plan, args.seed, "base"),
+                                 ema_decay=plan.base_ema)
+    info = {"stage": "base", "world_seed": WORLD_SEED, **result.to_json()}
+    write_model(trained, outputs(out)["base"], precision=args.save_precision, extra=info)
+    print(describe(trained), file=sys.stderr)
+    return result.to_json()
+
+
+def run_toon(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    from sun_edge.pocket.family import load_components, write_model
+    from sun_edge.pocket.train_family import ImageCaptions, finetune_toon
+
+    data = ImageCaptions.from_folder(outputs(out)["data"] / "toon")
+    base = load_components(outputs(out)["base"])
+    trained, result = finetune_toon(base, data, stage_config(plan.toon, plan.toon_lr, args, plan, args.seed + 1, "toon"),
+                                    ema_decay=plan.toon_ema)
+    info = {"stage": "toon", "from": "pocket-base", "world_seed": WORLD_SEED, **result.to_json()}
+    write_model(trained, outputs(out)["toon"], precision=args.save_precision, extra=info)
+    return result.to_json()
+
+
+def run_classifier(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    from sun_edge.pocket.classifier import save_classifier, train_classifier
+
+    steps, batch = plan.classifier
+    start = time.perf_counter()
+    model = train_classifier(steps=steps, batch_size=batch, seed=args.seed, styles=("plain", "toon"),
+                             device=args.device, progress=not args.no_progress, pool=plan.classifier_pool)
+    seconds = time.perf_counter() - start
+    save_classifier(model.to("cpu"), outputs(out)["classifier"])
+    return {"steps": steps, "batch_size": batch, "seconds": round(seconds, 2),
+            "seconds_per_step": round(seconds / steps, 4), "pool": plan.classifier_pool}
+
+
+def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    from sun_edge.adapter import BUNDLED_ADAPTER_FILE
+    from sun_edge.train import TrainConfig, train
+
+    dst = outputs(out)[stage]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    steps, batch = plan.adapter
+    config = TrainConfig(model=str(outputs(out)["base"]), data=outputs(out)["data"] / "plain", output=dst,
+                         resolution=64, batch_size=batch, max_steps=steps, msc_probability=ADAPTER_P[stage],
+                         seed=args.seed, cpu=args.device == "cpu",
+                         mixed_precision="bf16" if args.precision == "bf16" else "no",
+                         progress=not args.no_progress)
+    start = time.perf_counter()
+    result = train(config)
+    seconds = time.perf_counter() - start
+    if stage == "sun":  # the default adapter ships beside the models (SUN's claim: it plugs into fine-tunes)
+        for model in ("base", "toon"):
+            if is_done(model, outputs(out)[model]):
+                shutil.copyfile(dst, outputs(out)[model] / BUNDLED_ADAPTER_FILE)
+    tail = [h.loss for h in result.history][-max(1, min(100, len(result.history) // 10)):]  # as the other stages
+    last = sum(tail) / len(tail) if tail else float("nan")
+    return {"steps": result.steps, "batch_size": batch, "seconds": round(seconds, 2),
+            "seconds_per_step": round(sum(h.seconds for h in result.history) / max(1, len(result.history)), 4),
+            "final_loss": last,
+            "msc_probability": ADAPTER_P[stage], "resolution": 64, "examples_per_second": result.examples_per_second}
+
+
+def run_stage(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    runners = {"data": run_data, "vae": run_vae, "base": run_base, "toon": run_toon, "classifier": run_classifier}
+    if stage in runners:
+        return runners[stage](out, plan, args)
+    return run_adapter(stage, out, plan, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="output folder (created; existing stage outputs are kept)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype (default: fp32)")
+    parser.add_argument("--save-precision", choices=["fp32", "fp16"], default="fp16", help="model weights on disk")
+    parser.add_argument("--quick", action="store_true", help="every stage in seconds: a smoke test")
+    parser.add_argument("--plan", choices=["cpu", "gpu"], default="cpu",
+                        help="cpu: sized for about an hour on 2 cores (default); gpu: larger batches, VAE/base/toon "
+                             f"time-boxed to {GPU_SECONDS} seconds")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), metavar="STAGE",
+                        help=f"stages to run, in the fixed order: {' '.join(STAGES)} (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every stage's steps (e.g. 10 on a GPU, where an hour's CPU plan takes minutes)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's; 1 on a shared machine)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from sun_edge.errors import SunEdgeError
+
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        print(f"error: unknown stage {unknown[0]!r}; choose from: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda but PyTorch sees no CUDA GPU; use --device cpu", file=sys.stderr)
+            return 2
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.scale <= 0:
+        print(f"error: --scale must be positive, got {args.scale}", file=sys.stderr)
+        return 2
+    plan = scaled(QUICK if args.quick else (GPU if args.plan == "gpu" else FULL), args.scale)
+    out = args.out.expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    times: list[tuple[str, str, float]] = []
+    for stage in (s for s in STAGES if s in args.stages):
+        path = outputs(out)[stage]
+        if is_done(stage, path):
+            print(f"[{stage}] skipped: {path} exists", file=sys.stderr)
+            times.append((stage, "skipped", 0.0))
+            continue
+        print(f"[{stage}] -> {path}", file=sys.stderr)
+        start = time.perf_counter()
+        try:
+            record = run_stage(stage, out, plan, args)
+        except SunEdgeError as error:
+            print(f"error: stage {stage}: {error}", file=sys.stderr)
+            return 2
+        seconds = time.perf_counter() - start
+        line = {"stage": stage, "output": str(path.relative_to(out)), "quick": args.quick, "device": args.device,
+                "precision": args.precision, "total_seconds": round(seconds, 2), **record}
+        with open(out / "log.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(line) + "\n")
+        times.append((stage, "done", seconds))
+        print(f"[{stage}] done in {seconds:.1f} s", file=sys.stderr)
+    print("stage        status     seconds")
+    for stage, status, seconds in times:
+        print(f"{stage:<12} {status:<10} {seconds:8.1f}")
+    print(f"{'total':<12} {'':<10} {sum(t for _, _, t in times):8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
