@@ -40,6 +40,7 @@ from typing import Any
 STAGES = ("data", "vae", "base", "toon", "classifier", "sun", "sun-p0", "sun-p0.25")
 WORLD_SEED = 0  # the training world; the classifier evaluates on world.HELD_OUT-shifted seeds
 ADAPTER_P = {"sun": 0.1, "sun-p0": 0.0, "sun-p0.25": 0.25}
+NEGATIVE_PHRASES = 3  # 0..3 world phrases per training example (the paper: 0..100 of 832 SD phrases)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,12 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
     dst = outputs(out)[stage]
     dst.parent.mkdir(parents=True, exist_ok=True)
     steps, batch = plan.adapter
+    from sun_edge.pocket.world import negative_phrases
+
+    pool = out / "negative_phrases.txt"  # the world's words: the pocket text encoder knows no others
+    pool.write_text("\n".join(negative_phrases()) + "\n")
     config = TrainConfig(model=str(outputs(out)["base"]), data=outputs(out)["data"] / "plain", output=dst,
+                         negative_pool=pool, max_negative_phrases=NEGATIVE_PHRASES,
                          resolution=64, batch_size=batch, max_steps=steps, msc_probability=ADAPTER_P[stage],
                          seed=args.seed, cpu=args.device == "cpu",
                          mixed_precision="bf16" if args.precision == "bf16" else "no",

@@ -152,3 +152,13 @@ def test_eval_prompts_are_deterministic_and_balanced():
         counts = Counter(getattr(s, attr) for s, _ in prompts)
         assert max(counts.values()) - min(counts.values()) <= 1
     assert {s.colour for s, _ in prompts} == set(COLOURS) and {s.background for s, _ in prompts} == set(BACKGROUNDS)
+
+
+def test_negative_phrases_are_a_valid_pool_of_the_worlds_own_words():
+    from sun_edge.pocket.world import make_example, negative_phrases
+    from sun_edge.train.negatives import parse_pool
+
+    phrases = parse_pool("\n".join(negative_phrases()), "world")
+    vocabulary = {w for i in range(400) for w in make_example(i, 0, drop=0.5).caption.split()}
+    assert {w for p in phrases for w in p.split()} <= vocabulary | {"on", "a", "background"}
+    assert "red" in phrases and "on a grey background" in phrases

@@ -331,3 +331,17 @@ def eval_prompts(n: int, seed: int) -> list[Prompt]:
 
     shapes, sizes, counts, pairs = deal(SHAPES), deal(SIZES), deal(COUNTS), deal(COLOUR_PAIRS)
     return [(Scene(shapes[i], pairs[i][0], sizes[i], counts[i], pairs[i][1]), OPTIONAL) for i in range(n)]
+
+
+def negative_phrases() -> tuple[str, ...]:
+    """The world's words as negative-prompt phrases (for adapter training): colours, shapes, sizes, counts, backgrounds.
+
+    SD1.5 adapters train on phrases people write as negative prompts; a Pocket SD text encoder knows only
+    the world's words, so its adapter trains on these (``sun-edge train --negative-pool``).
+    """
+    plural = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
+    words = [*COLOURS, *SHAPES, *(plural[s] for s in SHAPES), *SIZES, "two", "three"]
+    words += [f"{c} {plural[s]}" for c in COLOURS for s in SHAPES]
+    words += [f"on a {b} background" for b in BACKGROUNDS]
+    return tuple(dict.fromkeys(words))
+
