@@ -73,7 +73,8 @@ FULL = Plan(plain_images=8000, toon_images=4000, vae=(1500, 16), base=(2000, 32)
 # For a lent GPU (H100/H200): larger batches, each stage time-boxed (the log records the steps run).
 # The first run (batch 128 for base) took 0.18 s a step on an H200, launch-bound (thousands of small
 # kernels per step, the host 2.2 cores busy): 564 steps in 100 s, no more samples than the CPU plan.
-# A step costs about the same at 8x the batch, so base and toon now use 1024 (not yet run).
+# A launch-bound step should cost little more at 8x the batch, so base and toon now use 1024
+# (an expectation, not yet measured).
 GPU = Plan(plain_images=8000, toon_images=4000, vae=(4000, 256), base=(20000, 1024), toon=(4000, 1024),
            classifier=(600, 64), classifier_pool=8192, adapter=(2000, 16))
 GPU_SECONDS = {"vae": 25.0, "base": 100.0, "toon": 25.0}
