@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,15 +44,19 @@ class ExportOptions:
     """What to export. Shapes are static: a bundle generates at one image size."""
 
     precision: Precision = "fp32"  # fp16 keeps softmax, normalisation and the adapter's norm ratio in fp32
-    height: int = 512
-    width: int = 512
+    height: int | None = None  # None: the model's own size (UNet sample size x VAE factor: SD1.5 512)
+    width: int | None = None
     with_baseline: bool = False  # also the UNet without the adapter (batch 1 or 2), for CFG mode
+
+    def sized(self, native: int) -> ExportOptions:
+        """These options with an unset height or width taken from the model's own size ``native``."""
+        return replace(self, height=self.height or native, width=self.width or native)
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16"):
             raise SunEdgeError(f"unknown precision {self.precision!r}; valid precisions: fp16, fp32")
         for side, value in (("height", self.height), ("width", self.width)):
-            if value < 8 or value % 8:
+            if value is not None and (value < 8 or value % 8):
                 raise SunEdgeError(f"{side} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
 
 

@@ -287,7 +287,7 @@ def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptio
     """
     from sun_edge.tokenizer import MERGES_FILE, VOCAB_FILE, write_tokenizer_files
 
-    options = CoreMLOptions.of(options)
+    options = CoreMLOptions.of(options).sized(reference.native_size)
     options.validate()  # before anything is loaded or written
     refuse_tiny_decoder(reference, TARGET)
     plans = plan(reference, options)

@@ -239,6 +239,7 @@ def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptio
     """
     from sun_edge.tokenizer import MERGES_FILE, VOCAB_FILE, write_tokenizer_files
 
+    options = options.sized(reference.native_size)
     options.validate()
     out = Path(out)
     plans = plan(reference, options)  # raises before anything is written if there is no adapter

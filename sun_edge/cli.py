@@ -312,8 +312,8 @@ def _add_export_parser(sub: Any) -> None:
     e.add_argument("--precision", choices=["fp32", "fp16"],
                    help="fp16 keeps softmax, normalisation and the adapter's norm ratio in fp32; the VAE stays fp32 "
                         "(default: fp32; fp16 for coreml and tensorrt)")
-    e.add_argument("--height", type=int, default=512, help="image height the graphs are made for (static; default 512)")
-    e.add_argument("--width", type=int, default=512, help="image width the graphs are made for (static; default 512)")
+    e.add_argument("--height", type=int, help="image height the graphs are made for (static; default: the model's own, SD1.5 512)")
+    e.add_argument("--width", type=int, help="image width the graphs are made for (static; default: the model's own, SD1.5 512)")
     e.add_argument("--with-baseline", action="store_true", help="also export the UNet without the adapter (batch 1 or 2) for --mode cfg")
     e.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH",
                    help="tiny:PATH: also export this TAESD decoder (diffusers folder or .safetensors) as vae_decoder_tiny, "

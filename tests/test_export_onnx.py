@@ -252,10 +252,19 @@ def test_the_parity_hook_sees_the_complete_bundle_and_is_recorded(home_env, tmp_
         seen["dir"], seen["reference"] = bundle_dir, reference.name
         return {"text_encoder": {"psnr_db": 99.0}}
 
-    out = export("onnx", "tiny-random", tmp_path / "b", options=ExportOptions(height=64, width=64), parity=parity,
-                 progress=False)
+    out = export("onnx", "tiny-random", tmp_path / "b", options=ExportOptions(), parity=parity, progress=False)
     assert seen["complete"] and seen["reference"] == "pytorch" and seen["dir"] != out
-    assert json.loads((out / "manifest.json").read_text())["parity"] == {"text_encoder": {"psnr_db": 99.0}}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"] == {"text_encoder": {"psnr_db": 99.0}}
+    assert manifest["image"] == {"height": 64, "width": 64}  # no size given: the model's own (8 x 8 latents x 8)
+
+
+def test_unset_sides_take_the_models_own_size():
+    assert ExportOptions().sized(512) == ExportOptions(height=512, width=512)
+    assert ExportOptions(height=64).sized(512) == ExportOptions(height=64, width=512)
+    ExportOptions().validate()  # unset sides are valid until sized
+    with pytest.raises(SunEdgeError, match="height 60 is not a positive multiple of 8"):
+        ExportOptions(height=60).validate()
 
 
 def test_bad_export_options_raise_before_anything_runs(tmp_path):
