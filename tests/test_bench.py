@@ -11,17 +11,11 @@ import pytest
 
 from sun_edge.adapter import SUNAdapter
 from sun_edge.bench import RATIOS, BenchResult, run_bench
-from sun_edge.cli import main
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes.pytorch import TorchRuntime
+from cli_helpers import run
 
 SMALL = ["--size", "64", "--repeats", "1"]
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def check_ratios(data: dict) -> None:

@@ -12,23 +12,10 @@ import torch
 from PIL import Image
 
 from sun_edge.adapter import SUNAdapter, cross_attention_layers, save_adapter
-from sun_edge.cli import main
 from sun_edge.imaging import read_parameters
+from cli_helpers import error_line, run
 
 SMALL = ["--height", "64", "--width", "64"]
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_generate_on_the_default_model(home_env, tmp_path, capsys):

@@ -13,22 +13,15 @@ from onnx import TensorProto
 
 from no_torch import run_without_torch
 from sun_edge.bundle import describe_files, open_bundle
-from sun_edge.cli import main
 from sun_edge.errors import SunEdgeError
 from sun_edge.export import TARGETS, ExportOptions, export
 from sun_edge.export import onnx as onnx_target
 from sun_edge.export import onnx_graph
+from cli_helpers import error_line, run
 
 UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states", "negative_encoder_hidden_states"]
 COMPONENTS = {"text_encoder", "unet", "unet_plain", "vae_decoder", "vae_encoder"}
 FP32_ISLANDS = ("Softmax", "InstanceNormalization", "LayerNormalization", "ReduceL2")
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def no_partials(parent: Path) -> list[str]:
@@ -146,12 +139,6 @@ def test_big_graphs_keep_their_weights_in_one_data_file(onnx_fp32_bundle, tmp_pa
     outputs = [ort.InferenceSession(str(d / "vae_decoder.onnx")).run(None, {"latent_sample": x})[0]
                for d in (onnx_fp32_bundle, tmp_path)]
     np.testing.assert_array_equal(outputs[0], outputs[1])
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_unknown_target_lists_the_valid_ones(home_env, tmp_path, capsys):

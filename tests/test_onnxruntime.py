@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 
 from no_torch import run_without_torch
-from sun_edge.cli import main
 from sun_edge.errors import SunEdgeError
 from sun_edge.imaging import read_parameters
 from sun_edge.noise import initial_noise
 from sun_edge.runtimes import RUNTIMES, runtime_module
 from sun_edge.runtimes.onnxruntime import PROVIDERS, OnnxRuntime
 from sun_edge.tokenizer import CLIPTokenizer
+from cli_helpers import error_line, run
 
 
 def psnr(ref: np.ndarray, out: np.ndarray) -> float:
@@ -80,19 +80,6 @@ def test_runtime_attributes_come_from_the_manifest(onnx_fp32_bundle, tiny_refere
     for key in ("model", "model_sha256", "adapter", "adapter_sha256", "adapter_parameters"):
         assert rt.info[key] == tiny_reference.info[key], key
     assert rt._sessions == {}  # sessions are made on first use
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_generate_from_a_bundle_sun_and_cfg(onnx_fp32_bundle, tmp_path, capsys):

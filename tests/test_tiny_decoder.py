@@ -12,10 +12,10 @@ from diffusers import AutoencoderTiny
 from PIL import Image
 from safetensors.torch import save_file
 
-from sun_edge.cli import main
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes.pytorch import TorchRuntime
 from sun_edge.taesd import load_tiny_decoder, parse_vae_decoder
+from cli_helpers import error_line, run
 
 SMALL = ["--height", "64", "--width", "64"]
 
@@ -38,18 +38,6 @@ def taesd_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("taesd") / "taesd"
     small_taesd().save_pretrained(path, safe_serialization=True)
     return path
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("spec,want", [(None, None), ("full", None), ("tiny:/x/taesd", Path("/x/taesd"))])
