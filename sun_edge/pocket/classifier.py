@@ -168,12 +168,17 @@ def extract_features(model: AttributeClassifier, images: np.ndarray, batch_size:
     return np.concatenate(parts)
 
 
+def truth(scenes: list) -> dict[str, np.ndarray]:
+    """The scenes' attributes in ``predict``'s form: {attribute: int64 [B]}, indices into the tuples, count as its value."""
+    out = {a: np.array([VALUES[a].index(getattr(s, a)) for s in scenes], np.int64) for a in ATTRIBUTES}
+    out["count"] = np.array([s.count for s in scenes], np.int64)
+    return out
+
+
 def accuracy(model: AttributeClassifier, images: np.ndarray, scenes: list) -> dict[str, float]:
     """Per-attribute accuracy of ``predict`` against the true scenes."""
-    pred = predict(model, images)
-    truth = {a: np.array([VALUES[a].index(getattr(s, a)) for s in scenes]) for a in ATTRIBUTES}
-    truth["count"] = np.array([s.count for s in scenes])
-    return {a: float((pred[a] == truth[a]).mean()) for a in ATTRIBUTES}
+    pred, want = predict(model, images), truth(scenes)
+    return {a: float((pred[a] == want[a]).mean()) for a in ATTRIBUTES}
 
 
 def evaluate(model: AttributeClassifier, *, n: int = 1000, seed: int = HELD_OUT,

@@ -93,12 +93,10 @@ class Scores:
 
 def adherence(pred: dict[str, np.ndarray], scenes: Sequence[Scene]) -> dict[str, float]:
     """Share of prompts whose attribute the classifier reads back, per attribute, their mean, and all-right."""
-    from sun_edge.pocket.classifier import VALUES
+    from sun_edge.pocket.classifier import truth
 
-    right = {}
-    for a in ATTRIBUTES:
-        truth = np.array([s.count if a == "count" else VALUES[a].index(getattr(s, a)) for s in scenes])
-        right[a] = pred[a] == truth  # [N] bool
+    want = truth(list(scenes))
+    right = {a: pred[a] == want[a] for a in ATTRIBUTES}  # [N] bool each
     out = {a: float(r.mean()) for a, r in right.items()}
     out["mean"] = float(np.mean([out[a] for a in ATTRIBUTES]))
     out["all"] = float(np.logical_and.reduce([right[a] for a in ATTRIBUTES]).mean())
