@@ -61,6 +61,7 @@ class Plan:
     base_ema: float = 0.995
     toon_ema: float = 0.99
     warmup: int = 100
+    text_encoder_lr: float | None = None  # base stage; None: base_lr
 
 
 # Sized for about an hour on 2 CPU cores. Measured on a shared 2-core machine with one torch
@@ -71,13 +72,13 @@ class Plan:
 FULL = Plan(plain_images=8000, toon_images=4000, vae=(1500, 16), base=(2000, 32), toon=(400, 32),
             classifier=(600, 64), classifier_pool=8192, adapter=(400, 4))
 # For a lent GPU (H100/H200): larger batches, each stage time-boxed (the log records the steps run).
-# The first run (batch 128 for base) took 0.18 s a step on an H200, launch-bound (thousands of small
-# kernels per step, the host 2.2 cores busy): 564 steps in 100 s, no more samples than the CPU plan.
-# A launch-bound step should cost little more at 8x the batch, so base and toon now use 1024
-# (an expectation, not yet measured).
-GPU = Plan(plain_images=8000, toon_images=4000, vae=(4000, 256), base=(20000, 1024), toon=(4000, 1024),
-           classifier=(600, 64), classifier_pool=8192, adapter=(2000, 16))
-GPU_SECONDS = {"vae": 25.0, "base": 100.0, "toon": 25.0}
+# The first run (batch 128 for base, bf16, eager) took 0.18 s a step on an H200, launch-bound
+# (thousands of small kernels per step): 564 steps in 100 s, no more samples than the CPU plan.
+# Diffusion stages now replay one captured CUDA graph per step (train_family._GraphedStep) in
+# fp32, with the data on the GPU, so the batch is 1024.
+GPU = Plan(plain_images=16000, toon_images=4000, vae=(4000, 256), base=(100000, 1024), toon=(3000, 1024),
+           classifier=(600, 64), classifier_pool=8192, adapter=(5000, 64), base_ema=0.999, toon_ema=0.995)
+GPU_SECONDS = {"vae": 60.0, "base": 240.0, "toon": 90.0, "sun": 150.0, "sun-p0": 150.0, "sun-p0.25": 150.0}
 QUICK = Plan(plain_images=48, toon_images=24, vae=(3, 4), base=(3, 4), toon=(2, 4), classifier=(3, 8),
              classifier_pool=48, adapter=(1, 1), warmup=1)
 
@@ -113,19 +114,44 @@ def stage_config(steps_batch: tuple[int, int], lr: float, args: argparse.Namespa
     from sun_edge.pocket.train_family import StageConfig
 
     steps, batch = steps_batch
-    limit = GPU_SECONDS.get(stage) if args.plan == "gpu" else None
     return StageConfig(steps=steps, batch_size=batch, learning_rate=lr, seed=seed, device=args.device,
                        precision=args.precision, warmup_steps=plan.warmup, progress=not args.no_progress,
-                       max_seconds=limit)
+                       max_seconds=time_box(stage, args), cuda_graph=args.device.startswith("cuda") and args.cuda_graph)
+
+
+def time_box(stage: str, args: argparse.Namespace) -> float | None:
+    """Seconds ``stage`` may train: ``--time-box`` first, then the GPU plan's ``GPU_SECONDS``; else None."""
+    boxes = {**(GPU_SECONDS if args.plan == "gpu" else {}), **dict(args.time_box or [])}
+    return boxes.get(stage)
+
+
+def parse_time_box(text: str) -> tuple[str, float]:
+    """``STAGE=SECONDS`` -> (stage, seconds), for ``--time-box``."""
+    stage, _, seconds = text.partition("=")
+    if stage not in STAGES:
+        raise argparse.ArgumentTypeError(f"unknown stage {stage!r} in {text!r}; choose from: {', '.join(STAGES)}")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: write STAGE=SECONDS with SECONDS > 0, e.g. base=240")
+    return stage, value
 
 
 def run_data(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     from sun_edge.pocket.world import write_dataset
 
+    from concurrent.futures import ProcessPoolExecutor
+
     dst = outputs(out)["data"]
-    for style, n in (("plain", plan.plain_images), ("toon", plan.toon_images)):
-        if not (dst / style / "world.json").is_file():
-            write_dataset(dst / style, n, seed=WORLD_SEED, style=style, progress=not args.no_progress)
+    todo = [(style, n) for style, n in (("plain", plan.plain_images), ("toon", plan.toon_images))
+            if not (dst / style / "world.json").is_file()]
+    with ProcessPoolExecutor(max_workers=max(1, len(todo))) as pool:  # both styles at once
+        jobs = [pool.submit(write_dataset, dst / style, n, seed=WORLD_SEED, style=style, progress=not args.no_progress)
+                for style, n in todo]
+        for job in jobs:
+            job.result()
     return {"plain_images": plan.plain_images, "toon_images": plan.toon_images, "seed": WORLD_SEED}
 
 
@@ -157,7 +183,7 @@ def run_base(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     data = ImageCaptions.from_folder(outputs(out)["data"] / "plain")
     components = {**build_components(args.seed), "vae": _load_vae(out)}
     trained, result = train_base(components, data, stage_config(plan.base, plan.base_lr, args, plan, args.seed, "base"),
-                                 ema_decay=plan.base_ema)
+                                 ema_decay=plan.base_ema, text_encoder_lr=plan.text_encoder_lr)
     info = {"stage": "base", "world_seed": WORLD_SEED, **result.to_json()}
     write_model(trained, outputs(out)["base"], precision=args.save_precision, extra=info)
     print(describe(trained), file=sys.stderr)
@@ -204,7 +230,8 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
     config = TrainConfig(model=str(outputs(out)["base"]), data=outputs(out)["data"] / "plain", output=dst,
                          negative_pool=pool, max_negative_phrases=NEGATIVE_PHRASES,
                          resolution=64, batch_size=batch, max_steps=steps, msc_probability=ADAPTER_P[stage],
-                         seed=args.seed, cpu=args.device == "cpu",
+                         seed=args.seed, cpu=args.device == "cpu", max_seconds=time_box(stage, args),
+                         num_workers=0 if args.device == "cpu" else 2,
                          mixed_precision="bf16" if args.precision == "bf16" else "no",
                          progress=not args.no_progress)
     start = time.perf_counter()
@@ -237,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-precision", choices=["fp32", "fp16"], default="fp16", help="model weights on disk")
     parser.add_argument("--quick", action="store_true", help="every stage in seconds: a smoke test")
     parser.add_argument("--plan", choices=["cpu", "gpu"], default="cpu",
-                        help="cpu: sized for about an hour on 2 cores (default); gpu: larger batches, VAE/base/toon "
+                        help="cpu: sized for about an hour on 2 cores (default); gpu: larger batches, stages "
                              f"time-boxed to {GPU_SECONDS} seconds")
+    parser.add_argument("--time-box", type=parse_time_box, action="append", metavar="STAGE=SECONDS",
+                        help="stop STAGE after this many seconds of training (repeatable; overrides the GPU plan's)")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                        help="with --device cuda: run diffusion steps eagerly instead of replaying a CUDA graph")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), metavar="STAGE",
                         help=f"stages to run, in the fixed order: {' '.join(STAGES)} (default: all)")
     parser.add_argument("--seed", type=int, default=0)

@@ -127,6 +127,22 @@ def test_cli_trains_and_writes_a_loadable_adapter(home_env, squares, tmp_path, c
     assert [p.name for p in (tmp_path / "cli.checkpoints").glob("step-*")] == ["step-00000002"]
 
 
+def test_max_seconds_stops_early_with_a_checkpoint_and_the_adapter(home_env, squares, tmp_path, capsys):
+    """A time-boxed run (a GPU lease) stops at the first step past the limit and saves both."""
+    from sun_edge.cli import main
+
+    out = tmp_path / "boxed.safetensors"
+    rc = main(["train", "--model", "tiny-random", "--data", str(squares), "-o", str(out), "--max-steps", "1000",
+               "--max-seconds", "1e-6", "--resolution", "64", "--teacher-substeps", "1", "--batch-size", "2",
+               "--no-progress"])
+    assert rc == 0
+    assert f"wrote {out} after 1 steps" in capsys.readouterr().out
+    assert out.is_file()
+    assert [p.name for p in (tmp_path / "boxed.checkpoints").glob("step-*")] == ["step-00000001"]
+    with pytest.raises(SunEdgeError, match="max seconds must be positive"):
+        TrainConfig(model="tiny-random", data=squares, output=out, max_seconds=0)
+
+
 def test_bf16_mixed_precision_runs(home_env, squares, tmp_path):
     result = train(TrainConfig(model="tiny-random", data=squares, output=tmp_path / "bf16.safetensors", max_steps=1,
                                batch_size=2, mixed_precision="bf16", cpu=True, **FAST))

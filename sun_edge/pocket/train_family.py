@@ -35,6 +35,7 @@ from torch import nn
 from sun_edge.errors import SunEdgeError
 
 Precision = Literal["fp32", "bf16"]
+SYNC_EVERY = 50  # diffusion steps between reads of the loss from the device (and the finiteness check)
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,11 @@ class StageConfig:
     weight_decay: float = 0.01
     progress: bool = True
     max_seconds: float | None = None  # stop early when the loop has run this long (a time-boxed run)
+    cuda_graph: bool = False  # diffusion stages on CUDA: replay one captured training step (see train_diffusion)
 
     def __post_init__(self) -> None:
+        if self.cuda_graph and not self.device.startswith("cuda"):
+            raise SunEdgeError(f"CUDA graphs need a CUDA device, not {self.device!r}; drop the CUDA-graph option")
         if self.steps < 1 or self.batch_size < 1:
             raise SunEdgeError(f"steps and batch size must be positive, got {self.steps} and {self.batch_size}")
         if self.precision not in ("fp32", "bf16"):
@@ -120,9 +124,17 @@ def _autocast(config: StageConfig) -> Any:
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
-def _optimizer(params: Sequence[nn.Parameter], config: StageConfig) -> tuple[Any, Any]:
-    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    warm = max(1, min(config.warmup_steps, config.steps // 10))
+def _warmup_steps(config: StageConfig) -> int:
+    """Steps of the linear learning-rate warm-up: ``warmup_steps``, at most a tenth of the stage."""
+    return max(1, min(config.warmup_steps, config.steps // 10))
+
+
+def _optimizer(params: Sequence[nn.Parameter] | list[dict[str, Any]], config: StageConfig) -> tuple[Any, Any]:
+    """AdamW (fused on CUDA) with linear warm-up; ``params`` may be groups with their own ``lr``."""
+    cuda = config.device.startswith("cuda")
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=cuda,
+                            capturable=config.cuda_graph)
+    warm = _warmup_steps(config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     return opt, sched
 
@@ -270,64 +282,137 @@ class EMA:
     def update(self, modules: dict[str, nn.Module]) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, module in modules.items():
-            for s, p in zip(self.shadow[name].parameters(), module.parameters()):
-                s.lerp_(p.detach(), 1.0 - d)
+        for name, module in modules.items():  # one fused kernel per module on CUDA, not one per tensor
+            torch._foreach_lerp_(list(self.shadow[name].parameters()), [p.detach() for p in module.parameters()], 1.0 - d)
+
+
+class _GraphedStep:
+    """One training step (forward, backward, clipping, AdamW) captured as a CUDA graph.
+
+    A step of these small models is thousands of tiny kernels, so on a GPU the host's launches,
+    not the arithmetic, set the pace; replaying a captured graph launches them all at once. The
+    draws stay outside the graph and are copied into its static inputs. Captured after the
+    learning-rate warm-up (the graph bakes the rate in), following PyTorch's whole-network
+    capture recipe: a few eager steps on a side stream first, gradients ``None`` at capture.
+    """
+
+    def __init__(self, step: Any, inputs: tuple[torch.Tensor, ...], opt: Any) -> None:
+        self.inputs = tuple(x.clone() for x in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # real steps: they train too
+                opt.zero_grad(set_to_none=True)
+                step(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = step(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x)
+        self.graph.replay()
+        return self.loss.detach().clone()
 
 
 def train_diffusion(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, data: ImageCaptions,
                     config: StageConfig, *, train_text_encoder: bool = True, caption_dropout: float = 0.1,
-                    ema_decay: float | None = 0.999, stage: str = "diffusion") -> tuple[dict[str, nn.Module], StageResult]:
+                    ema_decay: float | None = 0.999, text_encoder_lr: float | None = None,
+                    stage: str = "diffusion") -> tuple[dict[str, nn.Module], StageResult]:
     """Epsilon-prediction training under SD1.5's DDPM schedule; returns the (EMA) modules and the result.
 
     x0 is a posterior sample times ``vae.config.scaling_factor`` (as SD1.5); t is uniform over
-    0..999; captions become ``""`` with probability ``caption_dropout``.
+    0..999; captions become ``""`` with probability ``caption_dropout``. ``text_encoder_lr``
+    (default: ``config.learning_rate``) lets the from-scratch text encoder learn faster than
+    the UNet. Latents, token ids and the random draws live on ``config.device`` and the loss is
+    read back every :data:`SYNC_EVERY` steps, so a GPU step is not held up by the host; with
+    ``config.cuda_graph`` the step after the warm-up is a replayed CUDA graph
+    (:class:`_GraphedStep`; if capture fails, training goes on eagerly and the result says so).
     """
     if not 0.0 <= caption_dropout < 1.0:
         raise SunEdgeError(f"caption dropout must be in [0, 1), got {caption_dropout}")
     scheduler = sd15_noise_scheduler()
     device = config.device
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    mean, std = encode_latents(vae, data, device)  # [N, 4, h, w] each
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    mean, std = (x.to(device) for x in encode_latents(vae, data, device))  # [N, 4, h, w] each
     scale = float(vae.config.scaling_factor)
-    ids, empty = tokenize(data.captions), tokenize([""])  # [N, 77], [1, 77]
+    ids, empty = tokenize(data.captions).to(device), tokenize([""]).to(device)  # [N, 77], [1, 77]
     alphas = scheduler.alphas_cumprod.to(device)  # [1000]
     trained = {"unet": unet} | ({"text_encoder": text_encoder} if train_text_encoder else {})
     unet.to(device).train().requires_grad_(True)
     text_encoder.to(device).train(train_text_encoder).requires_grad_(train_text_encoder)
     params = [p for m in trained.values() for p in m.parameters()]
-    opt, sched = _optimizer(params, config)
+    groups: list[dict[str, Any]] = [{"params": list(unet.parameters())}]
+    if train_text_encoder:
+        groups.append({"params": list(text_encoder.parameters()),
+                       "lr": text_encoder_lr if text_encoder_lr is not None else config.learning_rate})
+    opt, sched = _optimizer(groups, config)
+    warm = _warmup_steps(config)
     ema = EMA(trained, ema_decay) if ema_decay else None
-    losses: list[float] = []
-    clock = _Clock()
-    bar = _bar(config, stage)
-    for step in bar:
-        index = torch.randint(len(data), (config.batch_size,), generator=gen)
-        x0 = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)) * scale  # [B, 4, h, w]
-        noise = torch.randn(x0.shape, generator=gen)  # [B, 4, h, w]
-        t = torch.randint(0, 1000, (config.batch_size,), generator=gen)  # [B]
-        drop = torch.rand(config.batch_size, generator=gen) < caption_dropout  # [B]
-        batch_ids = torch.where(drop[:, None], empty, ids[index]).to(device)  # [B, 77]
-        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+    shape = (config.batch_size, *mean.shape[1:])
+
+    def draw() -> tuple[torch.Tensor, ...]:
+        index = torch.randint(len(data), (config.batch_size,), generator=gen, device=device)
+        x0 = (mean[index] + std[index] * torch.randn(shape, generator=gen, device=device)) * scale  # [B, 4, h, w]
+        noise = torch.randn(shape, generator=gen, device=device)  # [B, 4, h, w]
+        t = torch.randint(0, 1000, (config.batch_size,), generator=gen, device=device)  # [B]
+        drop = torch.rand(config.batch_size, generator=gen, device=device) < caption_dropout  # [B]
+        batch_ids = torch.where(drop[:, None], empty, ids[index])  # [B, 77]
         a = alphas[t].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # [B, 4, h, w]
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, batch_ids, noise
+
+    def step(x_t: torch.Tensor, t: torch.Tensor, batch_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         with _autocast(config):
             with torch.set_grad_enabled(train_text_encoder):
                 emb = text_encoder(batch_ids, return_dict=False)[0]  # [B, 77, D]
             eps = unet(x_t, t, emb, return_dict=False)[0].float()  # [B, 4, h, w]
         loss = F.mse_loss(eps, noise)
-        _check_finite(loss, stage, step)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         opt.step()
-        sched.step()
+        return loss.detach()
+
+    graphed: _GraphedStep | None = None
+    graph_note = "off"
+    pending: list[torch.Tensor] = []  # losses not yet read back
+    losses: list[float] = []
+    clock = _Clock()
+    bar = _bar(config, stage)
+    for index in bar:
+        inputs = draw()
+        if config.cuda_graph and graphed is None and graph_note == "off" and index >= warm:
+            try:
+                graphed = _GraphedStep(step, inputs, opt)
+                graph_note = f"captured at step {index}"
+            except Exception as error:  # noqa: BLE001 - any capture failure: go on eagerly, say so
+                torch.cuda.synchronize()
+                opt.zero_grad(set_to_none=True)
+                graph_note = f"capture failed at step {index}, trained eagerly: {str(error).splitlines()[0]}"
+                print(f"{stage}: CUDA graph {graph_note}", file=sys.stderr)
+        if graphed is not None:
+            loss = graphed(*inputs)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = step(*inputs)
+        if index < warm or graphed is None:
+            sched.step()  # the graph bakes the learning rate in: it is captured after the warm-up only
         if ema is not None:
             ema.update(trained)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if _out_of_time(config, clock):
+        pending.append(loss)
+        out_of_time = _out_of_time(config, clock)
+        if len(pending) == SYNC_EVERY or index == config.steps - 1 or out_of_time:
+            chunk = torch.stack(pending).float().cpu().tolist()
+            pending.clear()
+            for offset, value in enumerate(chunk):
+                if not np.isfinite(value):
+                    raise SunEdgeError(f"{stage}: loss became {value} at step {index - len(chunk) + 1 + offset}; "
+                                       "lower the learning rate or use fp32")
+            losses.extend(chunk)
+            bar.set_postfix(loss=f"{np.mean(chunk):.4f}", refresh=False)
+        if out_of_time:
             break
     elapsed = clock.read()
     out = {"unet": unet, "text_encoder": text_encoder} | (ema.shadow if ema is not None else {})
@@ -335,16 +420,19 @@ def train_diffusion(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, da
         module.eval().requires_grad_(False)
     result = _result(losses, config, elapsed, caption_dropout=caption_dropout, ema_decay=ema_decay,
                      train_text_encoder=train_text_encoder, examples=len(data), scaling_factor=scale,
+                     text_encoder_lr=text_encoder_lr if train_text_encoder else None, cuda_graph=graph_note,
                      loss_first=float(np.mean(losses[: max(1, min(100, len(losses) // 10))])))
     return out, result
 
 
 def train_base(components: dict[str, nn.Module], data: ImageCaptions, config: StageConfig, *,
-               caption_dropout: float = 0.1, ema_decay: float | None = 0.999) -> tuple[dict[str, nn.Module], StageResult]:
+               caption_dropout: float = 0.1, ema_decay: float | None = 0.999,
+               text_encoder_lr: float | None = None) -> tuple[dict[str, nn.Module], StageResult]:
     """``pocket-base``: train the fresh text encoder and UNet of ``components`` with its trained, frozen VAE."""
     vae = components["vae"].eval().requires_grad_(False)
     modules, result = train_diffusion(components["unet"], components["text_encoder"], vae, data, config,
-                                      caption_dropout=caption_dropout, ema_decay=ema_decay, stage="base")
+                                      caption_dropout=caption_dropout, ema_decay=ema_decay,
+                                      text_encoder_lr=text_encoder_lr, stage="base")
     return {**modules, "vae": vae}, result
 
 

@@ -36,6 +36,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     o = p.add_argument_group("optimisation")
     _opt(o, "--max-steps", "max_steps", "optimizer steps", type=int)
+    _opt(o, "--max-seconds", "max_seconds", "also stop once this run has trained this many seconds (a time-boxed "
+         "lease); the adapter and a checkpoint are saved at that step", type=float)
     _opt(o, "--batch-size", "batch_size", "examples per process and micro-step", type=int)
     _opt(o, "--gradient-accumulation-steps", "gradient_accumulation_steps", "micro-steps per optimizer step", type=int)
     _opt(o, "--learning-rate", "learning_rate", "AdamW learning rate, constant", type=float)

@@ -48,6 +48,7 @@ class TrainConfig:
 
     # optimisation (paper 4.1)
     max_steps: int = 5000  # optimizer steps (paper: ~5k at batch 32 on 4 A100s)
+    max_seconds: float | None = None  # also stop (checkpoint, save the adapter) once this run trained this long
     batch_size: int = 1  # per process and per micro-step
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
@@ -115,6 +116,8 @@ class TrainConfig:
             raise SunEdgeError("learning rate must be positive, weight decay and msc weight non-negative")
         if self.max_negative_phrases < 0 or self.num_workers < 0:
             raise SunEdgeError("max negative phrases and num workers must be non-negative")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise SunEdgeError(f"max seconds must be positive, got {self.max_seconds}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise SunEdgeError(f"max grad norm must be positive, got {self.max_grad_norm}")
 

@@ -156,7 +156,7 @@ class Session:
         acc.wait_for_everyone()
 
     def run(self) -> TrainResult:
-        """Train from the current step to ``max_steps``; checkpoint, log, save the adapter."""
+        """Train from the current step to ``max_steps`` (or ``max_seconds``); checkpoint, log, save the adapter."""
         from tqdm import tqdm
 
         from sun_edge.adapter import save_adapter
@@ -170,10 +170,12 @@ class Session:
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", desc="training",
                    disable=not (self.main and cfg.progress))
         history: list[StepLog] = []
+        began = time.perf_counter()
+        stop = False
         try:
-            while self.step < cfg.max_steps:
+            while self.step < cfg.max_steps and not stop:
                 started = time.perf_counter()
-                sums = torch.zeros(4, device=acc.device)
+                sums = torch.zeros(5, device=acc.device)  # loss, cfg, msc, msc fraction; [4]: out of time
                 examples = torch.zeros(1, device=acc.device)
                 for m in range(accum):
                     batch = self._next_batch(batches, rank)
@@ -182,26 +184,29 @@ class Session:
                     with nullcontext() if syncing else acc.no_sync(self.models.student):
                         loss, stats = micro_step(self.models, batch, gen, cfg, acc)
                         acc.backward(loss / accum)
-                    sums += stats
+                    sums[:4] += stats
                     examples += len(batch["keys"])
                 if cfg.max_grad_norm is not None:
                     acc.clip_grad_norm_(self.adapter.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                if cfg.max_seconds is not None and time.perf_counter() - began > cfg.max_seconds:
+                    sums[4] = accum  # reduced with the losses: every process stops at the same step
                 means = acc.reduce(sums / accum, "mean").tolist()
+                stop = means[4] > 0
                 total = int(acc.reduce(examples, "sum").item())
                 seconds = time.perf_counter() - started
                 entry = StepLog(self.step, means[0], means[1], means[2], means[3], total, seconds)
                 history.append(entry)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop:
                     log.log(self.step, {"epoch": self.positions[rank] / self.dataset_shard(), "loss": entry.loss,
                                         "loss_cfg": entry.loss_cfg, "loss_msc": entry.loss_msc,
                                         "msc_fraction": entry.msc_fraction, "learning_rate": cfg.learning_rate,
                                         "examples_per_second": total / seconds, "seconds": seconds})
                 bar.update(1)
                 bar.set_postfix(loss=f"{entry.loss:.4f}")
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or stop:
                     self._save()
         finally:
             bar.close()
