@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -226,7 +227,9 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
     from sun_edge.pocket.world import negative_phrases
 
     pool = out / "negative_phrases.txt"  # the world's words: the pocket text encoder knows no others
-    pool.write_text("\n".join(negative_phrases()) + "\n")
+    tmp = pool.with_name(f".{pool.name}.{os.getpid()}")  # adapter stages may run side by side: replace atomically
+    tmp.write_text("\n".join(negative_phrases()) + "\n")
+    os.replace(tmp, pool)
     config = TrainConfig(model=str(outputs(out)["base"]), data=outputs(out)["data"] / "plain", output=dst,
                          negative_pool=pool, max_negative_phrases=NEGATIVE_PHRASES,
                          resolution=64, batch_size=batch, max_steps=steps, msc_probability=ADAPTER_P[stage],
@@ -291,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda but PyTorch sees no CUDA GPU; use --device cpu", file=sys.stderr)
             return 2
+        torch.backends.cuda.matmul.allow_tf32 = True  # small fp32 models: TF32 convolutions and products
+        torch.backends.cudnn.allow_tf32 = True
     if args.threads is not None:
         import torch
 
