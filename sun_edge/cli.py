@@ -15,7 +15,7 @@ from typing import Any
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes.torch_speed import OPTIMIZATIONS
 
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "pocket-base"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

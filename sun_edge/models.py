@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel
 
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+POCKET_DIR = Path(__file__).resolve().parent / "data" / "pocket"  # the shipped Pocket SD family (package data)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ModelEntry:
     source: str
     base: str = "sd15"
     generated: bool = False
+    shipped: bool = False  # a diffusers folder inside the package (POCKET_DIR / name)
 
 
 MODELS = MappingProxyType(
@@ -98,6 +100,24 @@ MODELS = MappingProxyType(
             ),
             ModelEntry("fancy-pet", "Fancy Pet", ("fancy-pet.safetensors",), ("fancy-pet",), "civitai"),
             ModelEntry(
+                "pocket-base",
+                "Pocket SD base: a small SD-architecture model trained on sun-edge's world of coloured shapes",
+                (),
+                ("pocket-base",),
+                "shipped with sun-edge (retrain: scripts/train_pocket.py)",
+                base="pocket",
+                shipped=True,
+            ),
+            ModelEntry(
+                "pocket-toon",
+                "Pocket SD toon: pocket-base fine-tuned to an outlined, posterized style",
+                (),
+                ("pocket-toon",),
+                "shipped with sun-edge (retrain: scripts/train_pocket.py)",
+                base="pocket",
+                shipped=True,
+            ),
+            ModelEntry(
                 "tiny-random",
                 "tiny random SD1.5-architecture model",
                 (),
@@ -126,6 +146,8 @@ def _is_diffusers_folder(path: Path) -> bool:
 
 
 def _find_installed(entry: ModelEntry, directory: Path) -> Path | None:
+    if entry.shipped:
+        return POCKET_DIR / entry.name if _is_diffusers_folder(POCKET_DIR / entry.name) else None
     for file in entry.files:
         if (directory / file).is_file():
             return directory / file
@@ -164,6 +186,9 @@ def resolve_model(name_or_path: str) -> Path:
 
         return ensure_tiny_random(directory)
     found = _find_installed(entry, directory)
+    if found is None and entry.shipped:
+        raise SunEdgeError(f"model '{entry.name}' should ship inside sun-edge but {POCKET_DIR / entry.name} is missing: "
+                           f"reinstall sun-edge, or retrain it with scripts/train_pocket.py")
     if found is None:
         wanted = entry.files[0] if entry.files else f"the diffusers folder {entry.folders[0]}"
         raise SunEdgeError(

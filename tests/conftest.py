@@ -74,7 +74,8 @@ def _onnx_exports(tmp_path_factory, tiny_home):
     for precision in ("fp32", "fp16"):
         (root / precision).mkdir()
         out, log = root / precision / "bundle", root / f"{precision}.log"
-        cmd = [sys.executable, "-m", "sun_edge.cli", "export", "--target", "onnx", "--precision", precision,
+        cmd = [sys.executable, "-m", "sun_edge.cli", "export", "--model", "tiny-random", "--target", "onnx",
+               "--precision", precision,
                "--height", str(ONNX_SIZE), "--width", str(ONNX_SIZE), "--with-baseline", "-o", str(out)]
         with log.open("w") as stream:
             jobs[precision] = (out, log, subprocess.Popen(cmd, env=env, stdout=stream, stderr=subprocess.STDOUT))

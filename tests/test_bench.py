@@ -52,7 +52,7 @@ class Counting:
 
 def test_bench_cli_writes_every_figure(home_env, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code, stdout, err = run(capsys, "bench", *SMALL, "--json", str(out))
+    code, stdout, err = run(capsys, "bench", "--model", "tiny-random", *SMALL, "--json", str(out))
     assert code == 0, err
     data = json.loads(out.read_text())
     assert data["runtime"] == "pytorch" and data["model"] == "tiny-random"
@@ -78,7 +78,7 @@ def test_bench_cli_writes_every_figure(home_env, tmp_path, capsys):
 
 def test_steps_only(home_env, tmp_path, capsys):
     out = tmp_path / "steps.json"
-    code, stdout, err = run(capsys, "bench", *SMALL, "--steps-only", "--json", str(out))
+    code, stdout, err = run(capsys, "bench", "--model", "tiny-random", *SMALL, "--steps-only", "--json", str(out))
     assert code == 0, err
     data = json.loads(out.read_text())
     assert "sun4" not in data["seconds"] and "cfg25" not in data["seconds"] and data["unet_calls"] == {}
@@ -92,7 +92,7 @@ def test_with_the_tiny_decoder(home_env, tmp_path, capsys):
     taesd = tmp_path / "taesd"
     small_taesd().save_pretrained(taesd)
     out = tmp_path / "tiny.json"
-    code, _, err = run(capsys, "bench", *SMALL, "--vae-decoder", f"tiny:{taesd}", "--json", str(out))
+    code, _, err = run(capsys, "bench", "--model", "tiny-random", *SMALL, "--vae-decoder", f"tiny:{taesd}", "--json", str(out))
     assert code == 0, err
     data = json.loads(out.read_text())
     assert data["unet_calls"] == {"sun4": 4, "cfg25": 25, "sun4_tiny": 4}

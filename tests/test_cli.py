@@ -13,6 +13,8 @@ from PIL import Image
 
 from sun_edge.adapter import SUNAdapter, cross_attention_layers, save_adapter
 from sun_edge.imaging import read_parameters
+from sun_edge.models import resolve_model
+from sun_edge.weights import sha256_file
 from cli_helpers import error_line, run
 
 SMALL = ["--height", "64", "--width", "64"]
@@ -25,7 +27,9 @@ def test_generate_on_the_default_model(home_env, tmp_path, capsys):
     assert Image.open(out).size == (64, 64)
     params = read_parameters(out)
     assert params.startswith("a red circle\nNegative prompt: blue\nSteps: 4, Sampler: DDIM")
-    assert "Model: tiny-random" in params and "SUN adapter sha256: " in params
+    assert "Model: pocket-base" in params and "SUN adapter sha256: " in params  # the default: the shipped Pocket SD base
+    shipped = resolve_model("pocket-base") / "sun-adapter.safetensors"  # ... with the adapter shipped beside it
+    assert f"SUN adapter sha256: {sha256_file(shipped)}" in params
     assert re.search(r"adapter sun-adapter.safetensors: 0\.\d\dM parameters", err)
     assert f"wrote {out}" in stdout
 

@@ -42,7 +42,8 @@ def _coreml_exports(tmp_path_factory, tiny_home):
     root = tmp_path_factory.mktemp("coreml")
     env = {**os.environ, "SUN_EDGE_HOME": str(tiny_home), "HF_HUB_OFFLINE": "1"}
     commands = {
-        "fp16": [sys.executable, "-m", "sun_edge.cli", "export", "--target", "coreml", "--height", str(SIZE),
+        "fp16": [sys.executable, "-m", "sun_edge.cli", "export", "--model", "tiny-random", "--target", "coreml",
+                 "--height", str(SIZE),
                  "--width", str(SIZE), "-o", str(root / "fp16")],
         "pal6": [sys.executable, "-c", PALETTIZED_EXPORT.format(size=SIZE), str(root / "pal6")],
     }

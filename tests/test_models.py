@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sun_edge
 from sun_edge.errors import SunEdgeError
 from sun_edge.models import (
     CONFIG_DIR,
@@ -259,8 +260,17 @@ def test_models_home_follows_env(offline_home):
 
 def test_registry_entries_are_sd15():
     wanted = {"sd15", "toonyou", "realistic-vision-v51", "anything-v5", "rev-animated", "fancy-pet", "tiny-random"}
-    assert wanted <= set(MODELS)
-    assert all(entry.base == "sd15" and (entry.files or entry.folders) for entry in MODELS.values())
+    pocket = {"pocket-base", "pocket-toon"}
+    assert wanted | pocket <= set(MODELS)
+    others = [entry for entry in MODELS.values() if entry.name not in pocket]
+    assert all(entry.base == "sd15" and (entry.files or entry.folders) and not entry.shipped for entry in others)
+    pocket_dir = Path(sun_edge.__file__).resolve().parent / "data" / "pocket"  # package data, not the models home
+    for name in sorted(pocket):
+        entry = MODELS[name]
+        assert entry.base == "pocket" and entry.shipped and not entry.generated
+        assert entry.files == () and entry.folders == (name,)
+        path = resolve_model(name).resolve()
+        assert path == pocket_dir / name and path.is_dir() and (path / "unet" / "config.json").is_file()
 
 
 def test_resolve_installed_names_and_list(tiny_files, offline_home):

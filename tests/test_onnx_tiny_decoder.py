@@ -42,7 +42,7 @@ def tiny_bundle(tmp_path_factory, tiny_home, taesd_dir) -> Path:
     out = tmp_path_factory.mktemp("onnx-tiny") / "fp32"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SUN_EDGE_HOME", str(tiny_home))
-        code = main(["export", "--target", "onnx", *SIZE, "--vae-decoder", f"tiny:{taesd_dir}", "-o", str(out)])
+        code = main(["export", "--model", "tiny-random", "--target", "onnx", *SIZE, "--vae-decoder", f"tiny:{taesd_dir}", "-o", str(out)])
     assert code == 0
     return out
 
@@ -142,7 +142,7 @@ def test_generate_from_a_bundle_with_the_tiny_decoder(tiny_bundle, taesd_dir, ho
     prompt = ["--prompt", "a red circle", "--negative-prompt", "blue"]
     code, _, err = run(capsys, "generate", "--bundle", str(tiny_bundle), *prompt, "--vae-decoder", "tiny", "-o", str(onnx_png))
     assert code == 0, err
-    code, _, err = run(capsys, "generate", *prompt, *SIZE, "--vae-decoder", f"tiny:{taesd_dir}", "-o", str(torch_png))
+    code, _, err = run(capsys, "generate", "--model", "tiny-random", *prompt, *SIZE, "--vae-decoder", f"tiny:{taesd_dir}", "-o", str(torch_png))
     assert code == 0, err
     code, _, err = run(capsys, "generate", "--bundle", str(tiny_bundle), *prompt, "-o", str(full_png))
     assert code == 0, err

@@ -114,9 +114,9 @@ def test_latent_channels_must_match_the_model(tmp_path, tiny):
 
 def test_generate_with_the_tiny_decoder(home_env, taesd_dir, tmp_path, capsys):
     full, fast = tmp_path / "full.png", tmp_path / "tiny.png"
-    code, _, err = run(capsys, "generate", "--prompt", "a red circle", *SMALL, "-o", str(full))
+    code, _, err = run(capsys, "generate", "--model", "tiny-random", "--prompt", "a red circle", *SMALL, "-o", str(full))
     assert code == 0, err
-    code, stdout, err = run(capsys, "generate", "--prompt", "a red circle", *SMALL, "--vae-decoder", f"tiny:{taesd_dir}",
+    code, stdout, err = run(capsys, "generate", "--model", "tiny-random", "--prompt", "a red circle", *SMALL, "--vae-decoder", f"tiny:{taesd_dir}",
                             "-o", str(fast))
     assert code == 0, err
     assert f"wrote {fast}" in stdout
