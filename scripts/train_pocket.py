@@ -70,16 +70,19 @@ class Plan:
 # at 32, toon 1.13 / 0.82 at 32, classifier 0.07 (CPU) at 64, SUN adapter 0.74 / 0.66 at 4.
 # Estimate (wall, shared, 1 thread): data ~30 s, vae ~510 s, base ~2440 s, toon ~450 s,
 # classifier ~70 s, three adapters ~900 s: ~73 min; ~57 min of CPU time on one core.
+# That is the recipe in miniature, not enough to learn the prompts: ~64k base samples leave colour
+# and background at chance (docs/pocket.md); the shipped family needed ~4M (the GPU plan).
 FULL = Plan(plain_images=8000, toon_images=4000, vae=(1500, 16), base=(2000, 32), toon=(400, 32),
             classifier=(600, 64), classifier_pool=8192, adapter=(400, 4))
 # For a lent GPU (H100/H200): larger batches, each stage time-boxed (the log records the steps run).
-# The first run (batch 128 for base, bf16, eager) took 0.18 s a step on an H200, launch-bound
-# (thousands of small kernels per step): 564 steps in 100 s, no more samples than the CPU plan.
-# Diffusion stages now replay one captured CUDA graph per step (train_family._GraphedStep) in
-# fp32, with the data on the GPU, so the batch is 1024.
+# Diffusion stages replay one captured CUDA graph per step (train_family._GraphedStep) in fp32 with
+# the data on the GPU. Measured on an H200: 0.114 s a step at batch 1024 (the GPU busy; the first,
+# eager bf16 run took 0.18 s at batch 128), so base's 455 s are ~4000 steps, ~4M samples, where the
+# prompts are learnt (CFG-25 adherence 0.60 at 2M samples, 0.87 at 4M; docs/pocket.md). Toon and the
+# three adapters then train side by side on the same GPU (scripts/train_pocket_gpu.sh).
 GPU = Plan(plain_images=16000, toon_images=4000, vae=(4000, 256), base=(100000, 1024), toon=(3000, 1024),
            classifier=(600, 64), classifier_pool=8192, adapter=(5000, 64), base_ema=0.999, toon_ema=0.995)
-GPU_SECONDS = {"vae": 60.0, "base": 240.0, "toon": 90.0, "sun": 150.0, "sun-p0": 150.0, "sun-p0.25": 150.0}
+GPU_SECONDS = {"vae": 60.0, "base": 455.0, "toon": 80.0, "sun": 150.0, "sun-p0": 150.0, "sun-p0.25": 150.0}
 QUICK = Plan(plain_images=48, toon_images=24, vae=(3, 4), base=(3, 4), toon=(2, 4), classifier=(3, 8),
              classifier_pool=48, adapter=(1, 1), warmup=1)
 
