@@ -86,7 +86,8 @@ def test_eval_on_the_tiny_model_writes_tables_grids_and_json(home_env, tmp_path,
     assert set(rows) == {"cfg25", "ddim4", "dpmpp4", "sun4"}
     assert rows["cfg25"]["psnr"] is None and all(len(rows[m]["psnr_per_image"]) == 2 for m in ("ddim4", "dpmpp4", "sun4"))
     assert all(0.0 <= rows[m]["adherence"]["mean"] <= 1.0 and rows[m]["fd"] >= 0.0 for m in rows)
-    assert "### Table 2" in text and "| tiny-random | SUN 4 steps" in text
+    assert rows["cfg25"]["fd_reference"] is None and all(rows[m]["fd_reference"] >= 0.0 for m in ("ddim4", "sun4"))
+    assert "### Table 2" in text and "| tiny-random | SUN 4 steps" in text and "FD to the reference" in text
     assert data["request"]["command"].startswith("sun-edge eval --model tiny-random")
     grid = Image.open(out / "grid-tiny-random.png")
     assert grid.width > 4 * 128 and grid.height > 2 * 128  # 4 methods x 2 prompts, 64 px scaled twice
@@ -103,3 +104,17 @@ def test_styles_default_by_model_name():
     assert request.style("pocket-base") == "plain" and request.style("pocket-toon") == "toon"
     assert EvalRequest(models=("x",), styles=(("x", "toon"),)).style("x") == "toon"
     assert len(COLOURS) == 8
+
+
+def test_fd_to_the_reference_is_zero_for_the_reference_images_and_grows_away_from_them():
+    from sun_edge.pocket.classifier import extract_features
+    from sun_edge.pocket.eval import real_images, score, table2_prompts
+
+    classifier = load_classifier()
+    _, scenes, _ = table2_prompts(16)
+    ref = real_images(scenes, 3, "plain", 64)
+    ref_feats = extract_features(classifier, ref)
+    same = score(classifier, ref, scenes, ref_feats, ref, ref_feats)
+    assert abs(same.fd_reference) < 1e-3 and same.psnr == float("inf")  # float noise of a rank-16 covariance
+    other = score(classifier, real_images(scenes, 4, "toon", 64), scenes, ref_feats, ref, ref_feats)
+    assert other.fd_reference > 1.0 and other.fd_reference == pytest.approx(other.fd)  # real = reference here

@@ -6,9 +6,12 @@ The synthetic world knows every image's true attributes, so an attribute classif
 - **adherence**: the share of a prompt's attributes (shape, colour, size, count, background) the
   classifier reads back from the generated image, averaged over prompts; ``all``: the share of
   images with every attribute right;
-- **FD**: the Fréchet distance between the classifier's penultimate features of the generated
-  images and of real world images of the same scenes in the model's style (FID's recipe with
-  our own feature extractor; lower is better);
+- **FD to the reference**: the Fréchet distance between the classifier's penultimate features of
+  a method's images and of the reference images (below) of the same prompts and seeds: the
+  paper's Table 2 and 4 metric (FID against the 25-step DPM-Solver++ set), with our own feature
+  extractor; lower is better;
+- **FD to the world**: the same distance to real world renders of the same scenes in the model's
+  style (how far the samples are from the data, whatever the reference does);
 - **PSNR**: paired, in dB on 8-bit pixels (peak 255), against the reference image of the same
   prompt and seed: 25 DPM-Solver++ steps with CFG 8 (``Settings.baseline()``).
 
@@ -83,12 +86,14 @@ class Scores:
     """One method on one model: adherence per attribute and overall, FD, paired PSNR."""
 
     adherence: dict[str, float]  # attribute -> share read back right; "mean", "all"
-    fd: float
+    fd: float  # to real world images of the same scenes
     psnr: float | None  # against the reference (None for the reference itself)
     psnr_per_image: list[float] = field(default_factory=list)
+    fd_reference: float | None = None  # to the reference images (None for the reference itself)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"adherence": self.adherence, "fd": self.fd, "psnr": self.psnr, "psnr_per_image": self.psnr_per_image}
+        return {"adherence": self.adherence, "fd": self.fd, "fd_reference": self.fd_reference, "psnr": self.psnr,
+                "psnr_per_image": self.psnr_per_image}
 
 
 def adherence(pred: dict[str, np.ndarray], scenes: Sequence[Scene]) -> dict[str, float]:
@@ -110,13 +115,16 @@ def real_images(scenes: Sequence[Scene], seed: int, style: str, size: int) -> np
 
 
 def score(classifier: Any, images: np.ndarray, scenes: Sequence[Scene], real_feats: np.ndarray,
-          reference: np.ndarray | None) -> Scores:
+          reference: np.ndarray | None, reference_feats: np.ndarray | None = None) -> Scores:
+    """``images`` scored; ``reference`` (and its features) None when they are the reference."""
     from sun_edge.pocket.classifier import extract_features, frechet_distance, predict
 
-    fd = frechet_distance(extract_features(classifier, images), real_feats)
+    feats = extract_features(classifier, images)
+    fd = frechet_distance(feats, real_feats)
+    fd_ref = frechet_distance(feats, reference_feats) if reference_feats is not None else None
     per_image = [image_psnr(r, o) for r, o in zip(reference, images)] if reference is not None else []
     return Scores(adherence(predict(classifier, images), scenes), fd,
-                  float(np.mean(per_image)) if per_image else None, per_image)
+                  float(np.mean(per_image)) if per_image else None, per_image, fd_ref)
 
 
 @dataclass

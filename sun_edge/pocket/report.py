@@ -75,18 +75,21 @@ class EvalReport:
         out = [f"Command: `{req.command}`" if req.command else "", "",
                f"### Table 2: 4-step samplers against the 25-step reference ({req.prompts} prompts, one seed each, "
                f"{req.size}x{req.size})", "",
-               "| model | method | adherence (mean) | all attributes right | FD (lower is better) | PSNR vs reference (dB) |",
-               "|---|---|---|---|---|---|"]
+               "| model | method | adherence (mean) | all attributes right | FD to the reference (paper's metric) "
+               "| FD to world images | PSNR vs reference (dB) |",
+               "|---|---|---|---|---|---|---|"]
         for model, rows in self.table2.items():
             for name, s in rows.items():
-                psnr = "reference" if s.psnr is None else f"{s.psnr:.2f}"
-                out.append(f"| {model} | {self.labels[name]} | {s.adherence['mean']:.3f} | {s.adherence['all']:.3f} "
-                           f"| {s.fd:.2f} | {psnr} |")
+                out.append(f"| {model} | {self.labels[name]} | {_row(s)} |")
         if self.table4:
             out += ["", f"### Table 4: MSC probability p (SUN 4 steps on {req.models[0]})", "",
-                    "| adapter | adherence (mean) | all attributes right | FD | PSNR vs reference (dB) |", "|---|---|---|---|---|"]
+                    "| adapter | adherence (mean) | all attributes right | FD to the reference | FD to world images "
+                    "| PSNR vs reference (dB) |", "|---|---|---|---|---|---|"]
+            table2_sun = self.table2.get(req.models[0], {}).get("sun4")
+            if table2_sun is not None:
+                out.append(f"| {req.adapter or 'the adapter beside the model'} (Table 2's) | {_row(table2_sun)} |")
             for label, s in self.table4.items():
-                out.append(f"| {label} | {s.adherence['mean']:.3f} | {s.adherence['all']:.3f} | {s.fd:.2f} | {s.psnr:.2f} |")
+                out.append(f"| {label} | {_row(s)} |")
         if self.fig5:
             out += ["", f"### Fig. 5: negative prompts steer SUN (prompt `a <shape>`, {req.negative_seeds} seeds per "
                     f"shape, on {req.models[0]})", "",
@@ -99,6 +102,13 @@ class EvalReport:
                 a, b = steer.mean()
                 out.append(f"| {self.labels[name]} | " + " | ".join(cells) + f" | {a:.3f} -> {b:.3f} |")
         return "\n".join(out).strip() + "\n"
+
+
+def _row(s: Scores) -> str:
+    """Adherence, all-right, FD to the reference, FD to the world, PSNR: Markdown cells."""
+    fd_ref = "reference" if s.fd_reference is None else f"{s.fd_reference:.2f}"
+    psnr = "reference" if s.psnr is None else f"{s.psnr:.2f}"
+    return f"{s.adherence['mean']:.3f} | {s.adherence['all']:.3f} | {fd_ref} | {s.fd:.2f} | {psnr}"
 
 
 def _runtime(model: str, adapter: str | None) -> Any:
@@ -135,18 +145,20 @@ def run_eval(request: EvalRequest, out_dir: Path, *, progress: bool = True) -> E
         real = extract_features(classifier, real_images(scenes, 7, request.style(model), request.size))
         images = {name: generate_images(pipe, prompts, seeds, m.settings, "", tick) for name, m in table.items()}
         ref = images["cfg25"]
-        report.table2[model] = {name: score(classifier, imgs, scenes, real, None if name == "cfg25" else ref)
+        ref_feats = extract_features(classifier, ref)
+        report.table2[model] = {name: score(classifier, imgs, scenes, real, *((None, None) if name == "cfg25" else
+                                                                            (ref, ref_feats)))
                                 for name, imgs in images.items()}
         rows = [[images[name][i] for name in table] for i in range(min(GRID_ROWS, len(prompts)))]
         imaging.grid(rows, list(table), [p[:40] for p in prompts[:GRID_ROWS]], scale=2).save(
             out_dir / f"grid-{Path(model).name}.png")
         if model == request.models[0]:
-            base_ref, base_real = ref, real
+            base_ref, base_ref_feats, base_real = ref, ref_feats, real
 
     for label, path in request.msc_adapters:
         pipe = Pipeline(_runtime(request.models[0], path))
         imgs = generate_images(pipe, prompts, seeds, table["sun4"].settings, "", tick)
-        report.table4[label] = score(classifier, imgs, scenes, base_real, base_ref)
+        report.table4[label] = score(classifier, imgs, scenes, base_real, base_ref, base_ref_feats)
 
     if request.negative_seeds:
         pipe = Pipeline(base_runtime)
