@@ -1,8 +1,12 @@
 """Retrain the Pocket SD family from scratch, stage by stage, into OUT_DIR.
 
-    python scripts/train_pocket.py OUT_DIR [--device cpu|cuda] [--precision fp32|bf16] [--quick]
+    python scripts/train_pocket.py OUT_DIR [--device cpu|cuda] [--plan cpu|gpu] [--precision fp32|bf16]
                                    [--stages data vae base toon classifier sun sun-p0 sun-p0.25]
+                                   [--time-box STAGE=SECONDS ...] [--no-cuda-graph] [--quick]
                                    [--threads N] [--scale X] [--save-precision fp16|fp32]
+
+scripts/train_pocket_gpu.sh runs the GPU plan the shipped family came from (toon and the three
+adapters side by side); docs/pocket.md says how the shipped weights were made.
 
 On a CPU shared with other work, ``--threads 1`` is several times faster than PyTorch's default
 (its OpenMP threads spin against the other processes).

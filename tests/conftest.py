@@ -11,6 +11,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 
 
+def _one_torch_thread():
+    """Tiny models run as fast on one thread, and two OpenMP threads crawl when other processes share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+one_thread = pytest.fixture(_one_torch_thread, name="one_thread")
+one_thread_module = pytest.fixture(_one_torch_thread, name="one_thread_module", scope="module")
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny UNet, text encoder and VAE (do not mutate: copy first)."""

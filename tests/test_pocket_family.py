@@ -32,15 +32,6 @@ def components():
     return family.build_components(0)
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_architecture_and_budget(components):
     counts = family.parameter_counts(components)
     assert counts["total"] <= family.MAX_MODEL_PARAMETERS  # <= 8.4 MB of fp16 weights

@@ -26,13 +26,7 @@ AGREE = 4  # an image agrees with its prompt when the classifier reads back at l
 MOST = 5  # "recognisable": most (at least 5) of the 8 images agree; when written: CFG 25 6, SUN 4 7 (PyTorch)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-1 64x64 pictures run fastest, and steadiest on a shared machine, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # batch-1 64x64 pictures: fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from sun_edge.train.loop import check_frozen
 FAST = {"resolution": 64, "teacher_substeps": 1, "progress": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and two OpenMP threads crawl when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
