@@ -106,7 +106,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SunEdgeError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.resolution % 8:
-            raise SunEdgeError(f"resolution must be a multiple of 8 (the VAE's factor), got {self.resolution}")
+            raise SunEdgeError(f"resolution must be a multiple of 8 (SD1.5's VAE downsamples 8x, Pocket SD's 4x), "
+                               f"got {self.resolution}")
         if 1000 % self.student_steps or self.teacher_substeps > 1000 // self.student_steps:
             raise SunEdgeError(f"student steps must divide 1000 and teacher sub-steps be at most 1000/steps, "
                                f"got {self.student_steps} and {self.teacher_substeps}")
