@@ -148,9 +148,9 @@ def parse_time_box(text: str) -> tuple[str, float]:
 
 
 def run_data(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
-    from sun_edge.pocket.world import write_dataset
-
     from concurrent.futures import ProcessPoolExecutor
+
+    from sun_edge.pocket.world import write_dataset
 
     dst = outputs(out)["data"]
     todo = [(style, n) for style, n in (("plain", plan.plain_images), ("toon", plan.toon_images))

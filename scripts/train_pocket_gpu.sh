@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Retrain the Pocket SD family on one CUDA GPU in about 8 minutes (scripts/train_pocket.py's GPU plan):
+# Retrain the Pocket SD family on one CUDA GPU in about 12 minutes (scripts/train_pocket.py's GPU plan):
 # the data, the VAE (skipped when OUT_DIR/vae exists), pocket-base; then the toon fine-tune and the
 # three SUN adapters (MSC p = 0.1, 0, 0.25) side by side on the same GPU.
 #
@@ -14,14 +14,15 @@ py=${PYTHON:-python3}
 run() { "$py" "$here/train_pocket.py" "$out" --device "${DEVICE:-cuda}" --plan gpu --no-progress "$@"; }
 
 run --stages data vae base "$@"
+stages=(toon sun sun-p0 sun-p0.25)
 pids=()
-for stage in toon sun sun-p0 sun-p0.25; do
+for stage in "${stages[@]}"; do
     run --stages "$stage" "$@" >"$out/$stage.log" 2>&1 &
     pids+=($!)
 done
 failed=0
 for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { failed=1; echo "a stage failed; its log: $out/$(echo toon sun sun-p0 sun-p0.25 | cut -d' ' -f$((i + 1))).log" >&2; }
+    wait "${pids[$i]}" || { failed=1; echo "stage ${stages[$i]} failed; its log: $out/${stages[$i]}.log" >&2; }
 done
 for model in pocket-base pocket-toon; do  # the shipped adapter beside both models (SUN plugs into fine-tunes)
     if [ -f "$out/adapters/sun-p0.1.safetensors" ] && [ -d "$out/$model" ]; then

@@ -115,7 +115,7 @@ def real_images(scenes: Sequence[Scene], seed: int, style: str, size: int) -> np
 
 
 def score(classifier: Any, images: np.ndarray, scenes: Sequence[Scene], real_feats: np.ndarray,
-          reference: np.ndarray | None, reference_feats: np.ndarray | None = None) -> Scores:
+          reference: np.ndarray | None = None, reference_feats: np.ndarray | None = None) -> Scores:
     """``images`` scored; ``reference`` (and its features) None when they are the reference."""
     from sun_edge.pocket.classifier import extract_features, frechet_distance, predict
 

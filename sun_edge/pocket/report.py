@@ -146,9 +146,8 @@ def run_eval(request: EvalRequest, out_dir: Path, *, progress: bool = True) -> E
         images = {name: generate_images(pipe, prompts, seeds, m.settings, "", tick) for name, m in table.items()}
         ref = images["cfg25"]
         ref_feats = extract_features(classifier, ref)
-        report.table2[model] = {name: score(classifier, imgs, scenes, real, *((None, None) if name == "cfg25" else
-                                                                            (ref, ref_feats)))
-                                for name, imgs in images.items()}
+        report.table2[model] = {name: score(classifier, imgs, scenes, real) if name == "cfg25" else
+                                score(classifier, imgs, scenes, real, ref, ref_feats) for name, imgs in images.items()}
         rows = [[images[name][i] for name in table] for i in range(min(GRID_ROWS, len(prompts)))]
         imaging.grid(rows, list(table), [p[:40] for p in prompts[:GRID_ROWS]], scale=2).save(
             out_dir / f"grid-{Path(model).name}.png")

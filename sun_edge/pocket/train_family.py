@@ -170,9 +170,10 @@ def _result(losses: list[float], config: StageConfig, clock: tuple[float, float]
                        round(cpu, 2), float(np.mean(tail)), extra)
 
 
-def _check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise SunEdgeError(f"{stage}: loss became {loss.item()} at step {step}; lower the learning rate or use fp32")
+def _check_finite(loss: torch.Tensor | float, stage: str, step: int) -> None:
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else loss  # a 0-d tensor or a value read back
+    if not np.isfinite(value):
+        raise SunEdgeError(f"{stage}: loss became {value} at step {step}; lower the learning rate or use fp32")
 
 
 # --------------------------------------------------------------------------------------- VAE
@@ -383,7 +384,7 @@ def train_diffusion(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, da
     bar = _bar(config, stage)
     for index in bar:
         inputs = draw()
-        if config.cuda_graph and graphed is None and graph_note == "off" and index >= warm:
+        if config.cuda_graph and graph_note == "off" and index >= warm:  # capture once, or fail once
             try:
                 graphed = _GraphedStep(step, inputs, opt)
                 graph_note = f"captured at step {index}"
@@ -407,9 +408,7 @@ def train_diffusion(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, da
             chunk = torch.stack(pending).float().cpu().tolist()
             pending.clear()
             for offset, value in enumerate(chunk):
-                if not np.isfinite(value):
-                    raise SunEdgeError(f"{stage}: loss became {value} at step {index - len(chunk) + 1 + offset}; "
-                                       "lower the learning rate or use fp32")
+                _check_finite(value, stage, index - len(chunk) + 1 + offset)
             losses.extend(chunk)
             bar.set_postfix(loss=f"{np.mean(chunk):.4f}", refresh=False)
         if out_of_time:
