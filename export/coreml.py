@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sun_edge.bundle import Component, Manifest, TensorSpec, bundle_writer, describe_files, open_bundle, write_manifest
+from sun_edge import __version__
 from sun_edge.errors import SunEdgeError
 from sun_edge.export import ExportOptions, ParityFn, Precision, adapter_entry, model_entry, modules, refuse_tiny_decoder
 from sun_edge.export import coreml_convert as cc
@@ -272,7 +273,7 @@ def build_manifest(reference: TorchRuntime, options: CoreMLOptions, components: 
         components=components, model=model, adapter=adapter,
         scheduler={"name": sun.scheduler, "spacing": sun.spacing, "steps": sun.steps},
         baseline={"name": base.scheduler, "spacing": base.spacing, "steps": base.steps, "guidance": base.guidance},
-        tokenizer=tokenizer, sun_edge_version=_version(), extra=extra)
+        tokenizer=tokenizer, sun_edge_version=__version__, extra=extra)
 
 
 def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptions = CoreMLOptions(), *,
@@ -335,8 +336,3 @@ def coreml_parity(reference: Any, bundle_dir: Path, *, seeds: tuple[int, ...] = 
     check_report(report)
     return report.to_dict()
 
-
-def _version() -> str:
-    from sun_edge import __version__
-
-    return __version__

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from sun_edge.bundle import TensorSpec
-from sun_edge.errors import SunEdgeError
+from sun_edge.errors import SunEdgeError, first_line
 from sun_edge.runtimes.coreml import import_coremltools
 
 # deployment target -> the iOS version whose ML Program opset it targets (macOS13 = iOS16, ...)
@@ -138,7 +138,7 @@ def trace(module: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.export.Exp
             warnings.simplefilter("ignore", FutureWarning)  # torch.export's own pytree deprecations
             program = torch.export.export(module.eval(), args).run_decompositions({})
     except Exception as e:  # torch.export raises many types; keep the first line
-        raise SunEdgeError(f"torch.export could not trace {type(module).__name__}: {_first_line(e)}") from e
+        raise SunEdgeError(f"torch.export could not trace {type(module).__name__}: {first_line(e)}") from e
     graph = program.graph_module.graph
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target == torch.ops.aten.alias.default:
@@ -161,7 +161,7 @@ def convert(program: torch.export.ExportedProgram, inputs: Sequence[TensorSpec],
                               inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type) for s in inputs],
                               outputs=[ct.TensorType(name=s.name, dtype=np.dtype(s.dtype).type) for s in outputs])
         except Exception as e:  # coremltools raises plain Exceptions
-            raise SunEdgeError(f"coremltools {ct.__version__} could not convert the graph: {_first_line(e)}") from e
+            raise SunEdgeError(f"coremltools {ct.__version__} could not convert the graph: {first_line(e)}") from e
 
 
 def palettize(model: Any, compression: Compression) -> Any:
@@ -176,7 +176,7 @@ def palettize(model: Any, compression: Compression) -> Any:
         except ModuleNotFoundError as e:  # per-grouped-channel tables are clustered by scikit-learn
             raise SunEdgeError(f"{compression.label} needs scikit-learn for its k-means: pip install scikit-learn") from e
         except ValueError as e:
-            raise SunEdgeError(f"coremltools could not apply {compression.label}: {_first_line(e)}") from e
+            raise SunEdgeError(f"coremltools could not apply {compression.label}: {first_line(e)}") from e
 
 
 def set_metadata(model: Any, *, description: str, inputs: dict[str, str], outputs: dict[str, str],
@@ -205,5 +205,3 @@ def package_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -48,7 +48,8 @@ from torch import nn
 from tqdm import tqdm
 
 from sun_edge.bundle import Component, Manifest, TensorSpec, bundle_writer, describe_files, open_bundle, write_manifest
-from sun_edge.errors import SunEdgeError
+from sun_edge import __version__
+from sun_edge.errors import SunEdgeError, first_line
 from sun_edge.export import ExportOptions, ParityFn, adapter_entry, model_entry, tiny_decoder_entry
 from sun_edge.export import modules
 from sun_edge.export import onnx_graph as graphs
@@ -166,11 +167,11 @@ def trace(graph: GraphPlan, opset: int = graphs.OPSET) -> Any:
                                         output_names=[s.name for s in graph.outputs], opset_version=opset,
                                         dynamo=True, optimize=False, verbose=False, dynamic_shapes=dynamic)
         except Exception as e:  # the exporter raises many types; keep the first line and the cause
-            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            first = first_line(e)
             raise SunEdgeError(f"torch.onnx could not export {graph.name}: {first}") from e
     model = program.model
     model.graph.name = graph.name
-    model.producer_name, model.producer_version = "sun-edge", _version()
+    model.producer_name, model.producer_version = "sun-edge", __version__
     model.metadata_props.update({"sun_edge.component": graph.name, "sun_edge.precision": graph.precision})
     return model
 
@@ -209,7 +210,7 @@ def build_manifest(reference: TorchRuntime, options: ExportOptions, components: 
         components=components, model=model, adapter=adapter,
         scheduler={"name": sun.scheduler, "spacing": sun.spacing, "steps": sun.steps},
         baseline={"name": base.scheduler, "spacing": base.spacing, "steps": base.steps, "guidance": base.guidance},
-        tokenizer=tokenizer, sun_edge_version=_version(), parity=dict(parity or {}),
+        tokenizer=tokenizer, sun_edge_version=__version__, parity=dict(parity or {}),
         vae_decoder_tiny=tiny_decoder_entry(reference),
         extra={"opset": graphs.OPSET, "exporter": f"torch {torch.__version__} torch.onnx (dynamo)",
                "cleaner": f"onnxscript {_package_version('onnxscript')}"},
@@ -265,11 +266,6 @@ def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptio
             write_manifest(tmp, replace(manifest, parity=dict(parity(reference, tmp))))
     return out
 
-
-def _version() -> str:
-    from sun_edge import __version__
-
-    return __version__
 
 
 def _package_version(name: str) -> str:

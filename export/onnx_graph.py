@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from sun_edge.bundle import TensorSpec
-from sun_edge.errors import SunEdgeError
+from sun_edge.errors import SunEdgeError, first_line
 
 OPSET = 18  # the dynamo exporter's native opset; TensorRT 8.6+/10 and ORT 1.14+ read it
 EXTERNAL_DATA_BYTES = 1_800_000_000  # initializer bytes above which a graph keeps its weights in <file>.data
@@ -97,7 +97,7 @@ def check_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[Tens
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        first = first_line(e)
         raise SunEdgeError(f"exported graph {Path(path).name} fails the ONNX checker: {first}") from e
     have_in, have_out = graph_io(path)
     for what, have, want in (("inputs", have_in, tuple(inputs)), ("outputs", have_out, tuple(outputs))):

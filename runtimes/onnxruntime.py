@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sun_edge.bundle import MANIFEST, Bundle, TensorSpec, open_bundle
-from sun_edge.errors import SunEdgeError
+from sun_edge.errors import SunEdgeError, first_line
 from sun_edge.runtimes import check_input
 from sun_edge.runtimes.base import Decoder, GraphRuntime
 
@@ -63,8 +63,6 @@ def _declared(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
                  for a in args)
 
 
-def _first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 class OnnxRuntime(GraphRuntime):
@@ -106,7 +104,7 @@ class OnnxRuntime(GraphRuntime):
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own pybind exception types
-            raise SunEdgeError(f"cannot load {path} with onnxruntime ({self.provider}): {_first_line(e)}") from e
+            raise SunEdgeError(f"cannot load {path} with onnxruntime ({self.provider}): {first_line(e)}") from e
         for what, have, want in (("inputs", _declared(session.get_inputs()), comp.inputs),
                                  ("outputs", _declared(session.get_outputs()), comp.outputs)):
             if have != want:
@@ -131,4 +129,4 @@ class OnnxRuntime(GraphRuntime):
         try:
             return session.run([comp.outputs[0].name], feeds)[0]
         except Exception as e:
-            raise SunEdgeError(f"onnxruntime failed running {comp.file}: {_first_line(e)}") from e
+            raise SunEdgeError(f"onnxruntime failed running {comp.file}: {first_line(e)}") from e

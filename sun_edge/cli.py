@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sun_edge import __version__
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes.torch_speed import OPTIMIZATIONS
 
@@ -27,7 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sun-edge", description="SpeedUpNet (SUN): 4-step Stable Diffusion 1.5 with negative prompts, for edge runtimes.")
-    parser.add_argument("--version", action="version", version=f"sun-edge {_version()}")
+    parser.add_argument("--version", action="version", version=f"sun-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="prompt to PNG (SUN 4 steps, or the CFG baseline)")
@@ -132,11 +133,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {result.output} after {result.steps} steps{speed}; checkpoints and logs in {result.checkpoint_dir}")
     return 0
 
-
-def _version() -> str:
-    from sun_edge import __version__
-
-    return __version__
 
 
 def _outputs(output: Path, seeds: Sequence[int]) -> list[Path]:

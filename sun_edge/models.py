@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from sun_edge.checkpoint import COMPONENTS, CONFIG_DIR, load_single_file
-from sun_edge.errors import SunEdgeError
+from sun_edge.errors import SunEdgeError, first_line
 from sun_edge.weights import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -316,7 +316,7 @@ def _load_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
                 **extra_args,
             )
         except Exception as error:  # whatever a damaged folder makes diffusers/transformers raise
-            first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            first = first_line(error)
             raise SunEdgeError(f"cannot load {path.name}/{component}: {first}") from error
         problems = {k: list(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if any(problems.values()):

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from sun_edge import imaging, noise, sampling
+from sun_edge import __version__
 from sun_edge.errors import SunEdgeError
 from sun_edge.tokenizer import CLIPTokenizer
 
@@ -168,7 +169,7 @@ class Pipeline:
             "SUN adapter sha256": info.get("adapter_sha256") if sun else None,
             "Noise": settings.noise,
             "Runtime": getattr(self.runtime, "name", None),
-            "Version": f"sun-edge {_version()}",
+            "Version": f"sun-edge {__version__}",
         }
 
 
@@ -186,8 +187,3 @@ class _Meter:
             self.calls += 1
             self.seconds += time.perf_counter() - start
 
-
-def _version() -> str:
-    from sun_edge import __version__
-
-    return __version__

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sun_edge.errors import SunEdgeError
+from sun_edge.errors import SunEdgeError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -29,13 +29,6 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
-def _first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message, for one-line errors."""
-    for line in str(error).splitlines():
-        line = line.strip()
-        if line:
-            return line
-    return type(error).__name__
 
 
 def _check_readable(path: Path) -> None:
@@ -65,7 +58,7 @@ def _refuse_pickle(path: Path) -> SunEdgeError:
 
 
 def _corrupt(path: Path, error: BaseException) -> SunEdgeError:
-    reason = _first_line(error).removeprefix("Error while deserializing header: ")
+    reason = first_line(error).removeprefix("Error while deserializing header: ")
     return SunEdgeError(
         f"cannot read {path.name}: file is truncated or not a safetensors file ({reason}); re-download it"
     )
@@ -145,7 +138,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # zip and EOF errors from a damaged file
         raise SunEdgeError(
             f"cannot read {path.name}: file is truncated or not a PyTorch checkpoint "
-            f"({_first_line(error)}); re-download it"
+            f"({first_line(error)}); re-download it"
         ) from error
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
