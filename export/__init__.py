@@ -21,20 +21,17 @@ import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import MappingProxyType, ModuleType
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 from sun_edge.errors import SunEdgeError
 
+from sun_edge.export.targets import TARGETS, Target, target
+
 if TYPE_CHECKING:
     from sun_edge.runtimes.pytorch import TorchRuntime
 
-TARGETS = MappingProxyType({
-    "onnx": "sun_edge.export.onnx",
-    "coreml": "sun_edge.export.coreml",
-    "tensorrt": "sun_edge.export.tensorrt",
-})
-TINY_DECODER_TARGETS = ("onnx",)  # targets that can carry TAESD as ``vae_decoder_tiny``
+TINY_DECODER_TARGETS = tuple(name for name, t in TARGETS.items() if t.tiny_decoder)  # can carry TAESD
 Precision = Literal["fp32", "fp16"]
 ParityFn = Callable[["TorchRuntime", Path], dict[str, Any]]
 
@@ -62,9 +59,16 @@ class ExportOptions:
 
 def target_module(name: str) -> ModuleType:
     """Import the module of export target ``name``; unknown names list the valid ones."""
-    if name not in TARGETS:
-        raise SunEdgeError(f"unknown export target {name!r}; valid targets: {', '.join(sorted(TARGETS))}")
-    return importlib.import_module(TARGETS[name])
+    return importlib.import_module(target(name).module)
+
+
+def export_options(target_name: str, *, precision: str | None = None, **options: Any) -> ExportOptions:
+    """The options for ``target_name``: its own options class (its entry's ``options_class``, with the
+    target's own keywords), at its default precision unless ``precision`` is given."""
+    entry = target(target_name)
+    module, _, name = entry.options_class.partition(":")
+    cls = globals()[name] if module == __name__ else getattr(importlib.import_module(module), name)
+    return cls(precision=precision or entry.default_precision, **options)
 
 
 def model_entry(reference: TorchRuntime, path: str | None = None,

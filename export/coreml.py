@@ -323,14 +323,15 @@ def coreml_parity(reference: Any, bundle_dir: Path, *, seeds: tuple[int, ...] = 
 
     Figures for the manifest's ``parity``; raises SunEdgeError if a component is below its threshold.
     """
-    from sun_edge.parity import bundle_settings, check_report, compare_runtimes
+    from sun_edge.parity import check_report, compare_runtimes
+    from sun_edge.pipeline import Settings
     from sun_edge.runtimes.coreml import CoreMLRuntime
 
     bundle = open_bundle(bundle_dir)
     manifest = bundle.manifest
     candidate = CoreMLRuntime(bundle, compute_units, backend)
     report = compare_runtimes(reference, candidate, precision=manifest.precision, seeds=seeds,
-                              settings=bundle_settings(manifest), target=TARGET,
+                              settings=Settings.from_manifest(manifest), target=TARGET,
                               precisions={name: c.precision for name, c in manifest.components.items()},
                               tokenizer=candidate.tokenizer())
     check_report(report)

@@ -1,67 +1,93 @@
-"""Runtimes: one module per backend, each exposing the runtime protocol from DESIGN.md.
+"""Runtimes: one module per backend, each implementing ``sun_edge.components.Runtime``.
 
-A runtime has ``encode_text(ids) -> emb``, ``unet(latents, t, pos, neg) -> eps``,
-``decode(latents) -> image`` (and ``encode(image)`` for img2img), NumPy in and out, plus
-``unet_plain(latents, t, emb) -> eps`` where the graph without the adapter is available (the CFG
-baseline). Runtimes hold no sampler code: ``sun_edge.Pipeline`` drives them all.
+A runtime evaluates the components of ``sun_edge.components.COMPONENTS`` (``encode_text``,
+``unet``, ``unet_plain``, ``decode``/``decode_full``/``decode_tiny``, ``encode``), NumPy in and
+out, and says which it has with ``has(name)``. Runtimes hold no sampler code:
+``sun_edge.Pipeline`` drives them all.
 
+``RUNTIMES`` is the registry: each entry names its module and class, the bundle targets it
+runs, and the options it takes with their defaults. ``open_bundle_runtime`` picks the runtime a
+bundle's target names (or the one asked for) and refuses options that do not apply, in one place.
 This package imports only NumPy: each backend module imports its own heavy library.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
-from types import ModuleType
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import numpy as np
 
 from sun_edge.errors import SunEdgeError
 
-RUNTIMES: dict[str, str] = {
-    "pytorch": "sun_edge.runtimes.pytorch",
-    "onnxruntime": "sun_edge.runtimes.onnxruntime",
-    "coreml": "sun_edge.runtimes.coreml",
-    "tensorrt": "sun_edge.runtimes.tensorrt",
-}
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    """One runtime: where it lives, what bundles it runs, and its options (name -> default)."""
+
+    name: str
+    module: str
+    cls: str
+    targets: tuple[str, ...]  # bundle targets it runs; () for the PyTorch reference
+    options: Mapping[str, Any] = field(default_factory=dict)
+    summary: str = ""
 
 
-# bundle target (manifest.json) -> the runtime that runs it
-BUNDLE_RUNTIMES: dict[str, str] = {"onnx": "onnxruntime", "coreml": "coreml", "tensorrt": "tensorrt"}
+RUNTIMES: Mapping[str, RuntimeEntry] = MappingProxyType({e.name: e for e in (
+    RuntimeEntry("pytorch", "sun_edge.runtimes.pytorch", "TorchRuntime", (), summary="the PyTorch reference"),
+    RuntimeEntry("onnxruntime", "sun_edge.runtimes.onnxruntime", "OnnxRuntime", ("onnx",),
+                 {"provider": "cpu", "vae_decoder": "full"}, "ONNX Runtime (cpu, cuda, tensorrt, coreml providers)"),
+    RuntimeEntry("coreml", "sun_edge.runtimes.coreml", "CoreMLPredictRuntime", ("coreml",), {"compute_units": "all"},
+                 "Core ML on macOS"),
+    RuntimeEntry("coreml-mil", "sun_edge.runtimes.coreml", "CoreMLEvaluatorRuntime", ("coreml",), {},
+                 "the NumPy MIL evaluator: Core ML programs off macOS, slow, for checking"),
+    RuntimeEntry("tensorrt", "sun_edge.runtimes.tensorrt", "TensorRTRuntime", ("tensorrt",), {"cuda_graphs": True},
+                 "TensorRT engines (after sun-edge build-engines)"),
+)})
+
+# bundle target -> the runtime that runs it unless another is asked for
+BUNDLE_RUNTIMES: Mapping[str, str] = MappingProxyType({"onnx": "onnxruntime", "coreml": "coreml", "tensorrt": "tensorrt"})
+
+
+def runtime_entry(name: str) -> RuntimeEntry:
+    """The registry entry of runtime ``name``; unknown names list the valid ones."""
+    if name not in RUNTIMES:
+        raise SunEdgeError(f"unknown runtime {name!r}; valid runtimes: {', '.join(sorted(RUNTIMES))}")
+    return RUNTIMES[name]
 
 
 def runtime_module(name: str) -> ModuleType:
     """Import the module of runtime ``name``; unknown names list the valid ones."""
-    if name not in RUNTIMES:
-        raise SunEdgeError(f"unknown runtime {name!r}; valid runtimes: {', '.join(sorted(RUNTIMES))}")
-    return importlib.import_module(RUNTIMES[name])
+    return importlib.import_module(runtime_entry(name).module)
 
 
-def open_bundle_runtime(bundle: Any, *, provider: str = "cpu", compute_units: str = "all", cuda_graphs: bool = True,
-                        vae_decoder: str = "full") -> Any:
-    """The runtime for an opened bundle, chosen by its manifest's target; options that do not apply are refused.
+def open_bundle_runtime(bundle: Any, runtime: str | None = None, **options: Any) -> Any:
+    """The runtime for an opened bundle: ``runtime`` if given, else the one its target names.
 
-    ``provider`` is ONNX Runtime's execution provider, ``compute_units`` Core ML's, ``cuda_graphs`` TensorRT's;
-    ``vae_decoder`` ``tiny`` decodes with the TAESD graph of an ONNX bundle exported with one.
+    ``options`` are runtime options (``provider`` for onnxruntime, ``compute_units`` for coreml,
+    ``cuda_graphs`` for tensorrt, ``vae_decoder`` full|tiny for onnxruntime); one left at its
+    default is ignored, one set for a runtime that does not take it is refused in one line.
     """
     target = bundle.manifest.target
     if target not in BUNDLE_RUNTIMES:
         raise SunEdgeError(f"bundle target {target!r} has no runtime; known targets: {', '.join(sorted(BUNDLE_RUNTIMES))}")
-    if provider != "cpu" and target != "onnx":
-        raise SunEdgeError(f"--provider applies to onnx bundles; this is a {target} bundle"
-                           + ("; use --compute-units" if target == "coreml" else ""))
-    if compute_units != "all" and target != "coreml":
-        raise SunEdgeError(f"--compute-units applies to coreml bundles; this is a {target} bundle")
-    if vae_decoder != "full" and target != "onnx":
-        raise SunEdgeError(f"--vae-decoder {vae_decoder} applies to onnx bundles (exported with --vae-decoder tiny:PATH); "
-                           f"this is a {target} bundle, which decodes with the model's VAE")
-    module = runtime_module(BUNDLE_RUNTIMES[target])
-    if target == "onnx":
-        return module.OnnxRuntime(bundle, provider, vae_decoder)
-    if target == "coreml":
-        return module.CoreMLRuntime(bundle, compute_units)
-    return module.TensorRTRuntime(bundle, cuda_graphs=cuda_graphs)
+    entry = runtime_entry(runtime or BUNDLE_RUNTIMES[target])
+    if target not in entry.targets:
+        runs = [name for name, e in RUNTIMES.items() if target in e.targets]
+        raise SunEdgeError(f"runtime {entry.name} does not run {target} bundles; {target} bundles run on: {', '.join(runs)}")
+    defaults = {k: e.options[k] for e in RUNTIMES.values() for k in e.options}
+    for key, value in options.items():
+        if key not in defaults:
+            raise SunEdgeError(f"unknown runtime option {key!r}; known: {', '.join(sorted(defaults))}")
+        if key not in entry.options and value != defaults[key]:
+            takes = [name for name, e in RUNTIMES.items() if key in e.options]
+            raise SunEdgeError(f"option {key} applies to the {', '.join(takes)} runtime; this {target} bundle runs on "
+                               f"{entry.name}")
+    kwargs = {k: options.get(k, default) for k, default in entry.options.items()}
+    return getattr(runtime_module(entry.name), entry.cls)(bundle, **kwargs)
 
 
 def check_input(what: str, array: np.ndarray, shape: Sequence[int | None], dtype: np.dtype | type) -> np.ndarray:

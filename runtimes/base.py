@@ -1,8 +1,9 @@
-"""What every bundle runtime shares: the manifest, the shipped tokenizer, generation info, and
-the runtime protocol expressed over one primitive, ``run(component, *arrays) -> first output``.
+"""What every bundle runtime shares: the manifest, its geometry, the shipped tokenizer, generation
+info, the check of a loaded graph's declared I/O, and the runtime protocol expressed over one
+primitive, ``run(component, *arrays) -> first output``.
 
-NumPy only: the backends (ONNX Runtime, TensorRT, Core ML) subclass these and import their own
-libraries.
+NumPy only: the backends (ONNX Runtime, TensorRT, Core ML) subclass ``GraphRuntime`` and import
+their own libraries.
 """
 
 from __future__ import annotations
@@ -11,16 +12,38 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sun_edge.bundle import Bundle, Component, Manifest
+from sun_edge.bundle import MANIFEST, Bundle, Component, Manifest, TensorSpec
+from sun_edge.components import COMPONENTS, Geometry, describe
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes import check_input
 from sun_edge.tokenizer import CLIPTokenizer
 
+Decoder = Literal["full", "tiny"]
+DECODERS: tuple[str, ...] = ("full", "tiny")
+TINY_DECODER = "vae_decoder_tiny"  # the bundle component of TAESD's decoder
+
 
 class BundleRuntime:
-    """Bundle plumbing: ``self.bundle`` must be set by the subclass."""
+    """Bundle plumbing: subclasses call ``_open_bundle`` first in ``__init__``."""
 
     bundle: Bundle
+    name: str
+    info: dict[str, Any]
+    TARGETS: tuple[str, ...] = ()  # the bundle targets this runtime runs
+
+    def _open_bundle(self, bundle: Bundle) -> None:
+        """Check the bundle's target and take its geometry (latent channels, VAE factor, text length and width)."""
+        if bundle.manifest.target not in self.TARGETS:
+            raise SunEdgeError(f"bundle {bundle.path} is a {bundle.manifest.target} bundle; the {self.name} runtime runs "
+                               f"{', '.join(self.TARGETS)} bundles")
+        missing = [name for name, c in COMPONENTS.items() if not c.optional and name not in bundle.manifest.components]
+        if missing:
+            raise SunEdgeError(f"bundle {bundle.path} lacks the {', '.join(missing)} component(s); re-export it")
+        self.bundle = bundle
+        g = self.geometry = Geometry.from_manifest(bundle.manifest)
+        self.latent_channels, self.vae_scale_factor = g.latent_channels, g.vae_scale_factor
+        self.text_tokens, self.text_dim = g.text_tokens, g.text_dim
+        self.scaling_factor = float(bundle.manifest.latent["scaling_factor"])
 
     @property
     def manifest(self) -> Manifest:
@@ -31,9 +54,25 @@ class BundleRuntime:
         tok = self.manifest.tokenizer
         return CLIPTokenizer.from_files(self.bundle.path / tok["vocab"], self.bundle.path / tok["merges"])
 
+    def has(self, component: str) -> bool:
+        """Whether the bundle holds ``component`` (a name of ``sun_edge.components.COMPONENTS``)."""
+        return component in self.manifest.components
+
+    def release(self, component: str) -> None:
+        """Free what ``component`` holds (nothing by default)."""
+
     def _component(self, component: str) -> Component:
         self.bundle.file(component)  # raises naming the components the bundle has
         return self.manifest.components[component]
+
+    def check_declared(self, component: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
+        """Raise unless a loaded graph declares the I/O the manifest lists for ``component``."""
+        comp = self._component(component)
+        for what, have, want in (("inputs", inputs, comp.inputs), ("outputs", outputs, comp.outputs)):
+            if have != want:
+                raise SunEdgeError(f"bundle {self.bundle.path}: {comp.file} declares {what} {describe(have)}, but "
+                                   f"{MANIFEST} says {describe(want)}; the manifest was edited or belongs to other "
+                                   "graphs: re-export the bundle")
 
     def manifest_info(self, **backend: Any) -> dict[str, Any]:
         """Generation info from the manifest (model, LoRAs, adapter), plus the backend's own fields."""
@@ -48,13 +87,8 @@ class BundleRuntime:
         return info
 
 
-Decoder = Literal["full", "tiny"]
-DECODERS: tuple[str, ...] = ("full", "tiny")
-TINY_DECODER = "vae_decoder_tiny"  # the bundle component of TAESD's decoder
-
-
 class GraphRuntime(BundleRuntime):
-    """The runtime protocol over ``run``, for backends whose graphs match the ONNX bundle's I/O.
+    """The runtime protocol over ``run``, for backends whose graphs take the component table's I/O.
 
     ``decode`` uses the decoder chosen with ``use_decoder`` (default ``full``: the model's VAE);
     ``decode_full`` and ``decode_tiny`` name each one, as ``TorchRuntime``'s do.
@@ -63,7 +97,6 @@ class GraphRuntime(BundleRuntime):
     latent_channels: int
     text_tokens: int
     text_dim: int
-    info: dict[str, Any]
     _decoder: Decoder = "full"
 
     def use_decoder(self, decoder: Decoder) -> None:
@@ -84,7 +117,7 @@ class GraphRuntime(BundleRuntime):
 
     @property
     def has_tiny_decoder(self) -> bool:
-        return TINY_DECODER in self.manifest.components
+        return self.has(TINY_DECODER)
 
     def require_tiny_decoder(self) -> None:
         """Raise unless the bundle has TAESD's decoder (exported with ``--vae-decoder tiny:PATH``)."""
@@ -109,7 +142,7 @@ class GraphRuntime(BundleRuntime):
 
     def require_baseline(self) -> None:
         """Raise unless the bundle has the UNet without the adapter (exported with ``--with-baseline``)."""
-        if "unet_plain" not in self.manifest.components:
+        if not self.has("unet_plain"):
             raise SunEdgeError(f"bundle {self.bundle.path} has no UNet without the adapter, which CFG mode needs; "
                                "re-export it with --with-baseline")
 

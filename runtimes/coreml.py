@@ -26,15 +26,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sun_edge.bundle import MANIFEST, Bundle, TensorSpec, open_bundle
+from sun_edge.bundle import Bundle, TensorSpec, open_bundle
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes import check_input
-from sun_edge.runtimes.base import BundleRuntime
+from sun_edge.runtimes.base import GraphRuntime
 
 COMPUTE_UNITS = MappingProxyType({"all": "ALL", "cpu-and-gpu": "CPU_AND_GPU", "cpu-and-ne": "CPU_AND_NE",
                                   "cpu-only": "CPU_ONLY"})  # name -> coremltools.ComputeUnit member
-TARGETS = ("coreml",)  # the bundle targets this runtime runs
-REQUIRED = ("text_encoder", "unet", "vae_decoder")  # vae_encoder is optional (img2img)
 MIL_NAME = "coreml-mil (NumPy evaluator, for checking only)"
 Backend = Literal["auto", "coreml", "mil"]
 
@@ -54,42 +52,32 @@ def import_coremltools() -> ModuleType:
     return coremltools
 
 
-def _describe(specs: tuple[TensorSpec, ...]) -> str:
-    return ", ".join(f"{s.name} {s.dtype} [{','.join(map(str, s.shape))}]" for s in specs)
-
-
-class CoreMLRuntime(BundleRuntime):
+class CoreMLRuntime(GraphRuntime):
     """Runtime protocol (``encode_text``, ``unet``, ``decode``, ``encode``) over a Core ML bundle.
 
     ``backend``: ``coreml`` predicts with Core ML (macOS only), ``mil`` evaluates with NumPy,
-    ``auto`` picks Core ML on macOS and the evaluator elsewhere.
+    ``auto`` picks Core ML on macOS and the evaluator elsewhere. The runtime registry opens
+    ``coreml`` (Core ML, refused off macOS) and ``coreml-mil`` (the evaluator, asked for by name).
     """
 
+    TARGETS = ("coreml",)
+
     def __init__(self, bundle: Bundle, compute_units: str = "all", backend: Backend = "auto") -> None:
-        manifest = bundle.manifest
-        if manifest.target not in TARGETS:
-            raise SunEdgeError(f"bundle {bundle.path} is a {manifest.target} bundle; the coreml runtime runs "
-                               f"{', '.join(TARGETS)} bundles")
         if compute_units not in COMPUTE_UNITS:
             raise SunEdgeError(f"unknown compute units {compute_units!r}; valid: {', '.join(COMPUTE_UNITS)}")
         if backend not in ("auto", "coreml", "mil"):
             raise SunEdgeError(f"unknown Core ML backend {backend!r}; valid: auto, coreml, mil")
-        missing = [c for c in REQUIRED if c not in manifest.components]
-        if missing:
-            raise SunEdgeError(f"bundle {bundle.path} lacks the {', '.join(missing)} component(s); re-export it")
         if backend == "coreml" and sys.platform != "darwin":
-            raise SunEdgeError("Core ML prediction needs macOS; elsewhere use the NumPy evaluator (backend 'mil')")
-        self.bundle, self.compute_units = bundle, compute_units
+            raise SunEdgeError("Core ML prediction needs macOS; elsewhere a Core ML bundle can only be checked, with "
+                               "the NumPy MIL evaluator (runtime coreml-mil, slow)")
         self.backend = "coreml" if backend == "coreml" or (backend == "auto" and sys.platform == "darwin") else "mil"
         self.name = "coreml" if self.backend == "coreml" else MIL_NAME
+        self._open_bundle(bundle)
+        self.compute_units = compute_units
         if self.backend == "mil":
             warnings.warn("Core ML cannot predict on this platform: running the bundle with the NumPy MIL evaluator, "
                           "which is slow and for checking only", stacklevel=2)
         self._models: dict[str, Any] = {}
-        self.latent_channels = int(manifest.latent["channels"])
-        self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
-        self.scaling_factor = float(manifest.latent["scaling_factor"])
-        self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
         self.info = self.manifest_info(backend=self.backend,
                                        compute_units=self.compute_units if self.backend == "coreml" else None)
 
@@ -102,7 +90,7 @@ class CoreMLRuntime(BundleRuntime):
         """The component's loaded model (Core ML or evaluator), made on first use; its I/O must match the manifest."""
         if component in self._models:
             return self._models[component]
-        comp, path = self._component(component), self.bundle.file(component)
+        path = self.bundle.file(component)
         if self.backend == "coreml":
             model, declared = self._load_coreml(path)
         else:
@@ -110,12 +98,13 @@ class CoreMLRuntime(BundleRuntime):
 
             model = MILEvaluator.load(path)
             declared = (model.inputs, model.outputs)
-        for what, have, want in (("inputs", declared[0], comp.inputs), ("outputs", declared[1], comp.outputs)):
-            if have != want:
-                raise SunEdgeError(f"bundle {self.bundle.path}: {comp.file} declares {what} {_describe(have)}, but "
-                                   f"{MANIFEST} says {_describe(want)}; re-export the bundle")
+        self.check_declared(component, *declared)
         self._models[component] = model
         return model
+
+    def release(self, component: str) -> None:
+        """Drop the component's loaded model; the next call loads it again."""
+        self._models.pop(component, None)
 
     def _load_coreml(self, path: Path) -> tuple[Any, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
         ct = import_coremltools()
@@ -150,17 +139,19 @@ class CoreMLRuntime(BundleRuntime):
         check_input("input_ids", ids, (1, self.text_tokens), np.int64)
         return self.run("text_encoder", ids.astype(np.int32))
 
-    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-        """One SUN forward (adapter fused): eps [1,4,h,w]."""
-        return self.run("unet", latents, np.asarray(t, dtype=np.float32).reshape(-1), pos, neg)
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1] (1/scaling_factor inside the graph)."""
-        return self.run("vae_decoder", latents)
+class CoreMLPredictRuntime(CoreMLRuntime):
+    """A Core ML bundle predicted by Core ML itself (macOS only; refused elsewhere in one line): ``coreml``."""
 
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """Image [1,3,H,W] in [-1, 1] -> scaled latents [1,4,H/8,W/8] (the posterior mean)."""
-        return self.run("vae_encoder", image)
+    def __init__(self, bundle: Bundle, compute_units: str = "all") -> None:
+        super().__init__(bundle, compute_units, backend="coreml")
+
+
+class CoreMLEvaluatorRuntime(CoreMLRuntime):
+    """A Core ML bundle through the NumPy MIL evaluator, on any platform: slow, for checking (``coreml-mil``)."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        super().__init__(bundle, backend="mil")
 
 
 def spec_io(spec: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

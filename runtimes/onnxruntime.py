@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from sun_edge.bundle import MANIFEST, Bundle, TensorSpec, open_bundle
+from sun_edge.bundle import Bundle, TensorSpec, open_bundle
 from sun_edge.errors import SunEdgeError, first_line
 from sun_edge.runtimes import check_input
 from sun_edge.runtimes.base import Decoder, GraphRuntime
@@ -34,7 +34,6 @@ PROVIDERS = MappingProxyType({
     "tensorrt": "TensorrtExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
 })
-TARGETS = ("onnx",)  # the bundle targets this runtime runs
 _ORT_DTYPES = MappingProxyType({"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
                                 "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"})
 
@@ -53,10 +52,6 @@ def execution_providers(provider: str) -> list[str]:
     return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
 
 
-def _describe(specs: Sequence[TensorSpec]) -> str:
-    return ", ".join(f"{s.name} {s.dtype} [{','.join('?' if d < 0 else str(d) for d in s.shape)}]" for s in specs)
-
-
 def _declared(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
     """What a session says its inputs or outputs are, as manifest specs (free dimensions -1)."""
     return tuple(TensorSpec(a.name, _ORT_DTYPES.get(a.type, a.type), tuple(d if isinstance(d, int) else -1 for d in a.shape))
@@ -73,19 +68,13 @@ class OnnxRuntime(GraphRuntime):
     """
 
     name = "onnxruntime"
+    TARGETS = ("onnx",)
 
     def __init__(self, bundle: Bundle, provider: str = "cpu", vae_decoder: Decoder = "full") -> None:
-        manifest = bundle.manifest
-        if manifest.target not in TARGETS:
-            raise SunEdgeError(f"bundle {bundle.path} is a {manifest.target} bundle; the onnxruntime runtime runs "
-                               f"{', '.join(TARGETS)} bundles")
-        self.bundle, self.provider = bundle, provider
+        self._open_bundle(bundle)
+        self.provider = provider
         self._providers = execution_providers(provider)  # before any session: a bad name fails at once
         self._sessions: dict[str, ort.InferenceSession] = {}
-        self.latent_channels = int(manifest.latent["channels"])
-        self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
-        self.scaling_factor = float(manifest.latent["scaling_factor"])
-        self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
         self.info = self.manifest_info(provider=self.provider)
         self.use_decoder(vae_decoder)
 
@@ -98,19 +87,14 @@ class OnnxRuntime(GraphRuntime):
         """The component's session, created on first use; its declared I/O must match the manifest."""
         if component in self._sessions:
             return self._sessions[component]
-        comp, path = self._component(component), self.bundle.file(component)
+        path = self.bundle.file(component)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: node placement notes are not the user's concern
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise SunEdgeError(f"cannot load {path} with onnxruntime ({self.provider}): {first_line(e)}") from e
-        for what, have, want in (("inputs", _declared(session.get_inputs()), comp.inputs),
-                                 ("outputs", _declared(session.get_outputs()), comp.outputs)):
-            if have != want:
-                raise SunEdgeError(f"bundle {self.bundle.path}: {comp.file} declares {what} {_describe(have)}, but "
-                                   f"{MANIFEST} says {_describe(want)}; the manifest was edited or belongs to other "
-                                   "graphs: re-export the bundle")
+        self.check_declared(component, _declared(session.get_inputs()), _declared(session.get_outputs()))
         self._sessions[component] = session
         return session
 

@@ -94,6 +94,17 @@ class TorchRuntime:
         return cls(loaded.unet, loaded.text_encoder, loaded.vae, sun_adapter, device, DTYPES[precision], info,
                    tiny_decoder=tiny, optimize=optimize)
 
+    def has(self, component: str) -> bool:
+        """Whether this runtime computes ``component``: the SUN UNet needs an adapter, TAESD a tiny decoder."""
+        if component == "unet":
+            return self.sun_unet is not None
+        if component == "vae_decoder_tiny":
+            return self.tiny_decoder is not None
+        return component in ("text_encoder", "unet_plain", "vae_decoder", "vae_encoder")
+
+    def release(self, component: str) -> None:
+        """Nothing to free: the reference keeps its modules loaded."""
+
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
 

@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from sun_edge.errors import SunEdgeError
-from sun_edge.parity import DEFAULT_NEGATIVE, DEFAULT_PROMPT, full_decoder, has_component
-from sun_edge.pipeline import Pipeline, Runtime, Settings
+from sun_edge.components import Runtime
+from sun_edge.parity import DEFAULT_NEGATIVE, DEFAULT_PROMPT
+from sun_edge.pipeline import Pipeline, Settings
 
 RATIOS = MappingProxyType({  # name: (numerator, denominator, what it says), all medians
     "sun_over_plain": ("unet_sun_b1", "unet_plain_b1", "SUN step / plain batch-1 step"),
@@ -147,10 +148,10 @@ def run_bench(runtime: Runtime, *, repeats: int = 3, height: int = 512, width: i
     rss_loaded = peak_rss_mib()
     sun, cfg = Settings(height=height, width=width), Settings.baseline(height=height, width=width)
     sun.validate()
-    has_sun = has_component(runtime, "unet")
-    plain = runtime.unet_plain if has_component(runtime, "unet_plain") else None
-    tiny = runtime.decode_tiny if has_component(runtime, "vae_decoder_tiny") else None
-    full = full_decoder(runtime)
+    has_sun = runtime.has("unet")
+    plain = runtime.unet_plain if runtime.has("unet_plain") else None
+    tiny = runtime.decode_tiny if runtime.has("vae_decoder_tiny") else None
+    full = runtime.decode_full
     pipe = Pipeline(runtime)
     ids = pipe.tokenizer.encode(prompt)  # [1, 77]
     pos, neg = pipe.embed(prompt), pipe.embed(negative_prompt)  # [1, 77, D] each
@@ -191,7 +192,7 @@ def run_bench(runtime: Runtime, *, repeats: int = 3, height: int = 512, width: i
             result = image_pipe.generate(prompt, negative_prompt, seeds=[seed], settings=settings)[0]
             seconds[form].append(time.perf_counter() - start)
             calls[form] = result.unet_calls
-    about = {"runtime": getattr(runtime, "name", "?"), "model": getattr(runtime, "info", {}).get("model"),
+    about = {"runtime": runtime.name, "model": runtime.info.get("model"),
              "height": height, "width": width, "repeats": repeats, "seed": seed, "steps_only": steps_only,
              **(info or {}), "machine": machine_info(),
              "memory": {"peak_rss_mib_after_load": rss_loaded, "peak_rss_mib_after_warmup": rss_warm,

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="prompt to PNG (SUN 4 steps, or the CFG baseline)")
     _add_model_args(g)
     g.add_argument("--bundle", type=Path, help="run an exported bundle (sun-edge export) instead of --model, with ONNX Runtime or Core ML as its target says; needs no PyTorch")
+    g.add_argument("--runtime", help="with --bundle: the runtime to run it with (default: the one its target names; "
+                                     "coreml-mil: a Core ML bundle through the NumPy MIL evaluator, for checking off macOS)")
     g.add_argument("--provider", default="cpu", help="with --bundle: ONNX Runtime execution provider: cpu (default), cuda, tensorrt, coreml")
     g.add_argument("--no-cuda-graphs", action="store_true", help="with a TensorRT bundle: run each UNet step without CUDA graph replay")
     g.add_argument("--compute-units", default="all", help="with a Core ML bundle on macOS: all (default), cpu-and-gpu, cpu-and-ne, cpu-only")
@@ -141,18 +143,6 @@ def _outputs(output: Path, seeds: Sequence[int]) -> list[Path]:
     return [output.with_name(f"{output.stem}-s{seed}{output.suffix}") for seed in seeds]
 
 
-def _bundle_settings(args: argparse.Namespace, bundle: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A bundle's SUN and CFG sampling defaults and its (static) image size; other sizes are refused."""
-    m = bundle.manifest
-    size = {"height": int(m.image["height"]), "width": int(m.image["width"])}
-    if (args.height or size["height"], args.width or size["width"]) != (size["height"], size["width"]):
-        raise SunEdgeError(f"bundle {bundle.path} makes {size['width']}x{size['height']} images (its graphs have static "
-                           f"shapes); drop --height/--width, or re-export it at the size you want")
-    sun = {"steps": m.scheduler["steps"], "scheduler": m.scheduler["name"], "spacing": m.scheduler["spacing"]}
-    cfg = {"steps": m.baseline["steps"], "scheduler": m.baseline["name"], "spacing": m.baseline["spacing"]}
-    return {**size, **(sun if args.mode == "sun" else cfg)}, {**size, **cfg}
-
-
 def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
     """The bundle's runtime (as its target says) and its tokenizer; imports no torch."""
     from sun_edge.runtimes import open_bundle_runtime
@@ -168,11 +158,16 @@ def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
     if args.optimize != "none":
         raise SunEdgeError("--optimize applies to --model (the PyTorch runtime); a TensorRT bundle captures CUDA graphs "
                            "itself (--no-cuda-graphs turns that off)")
-    runtime = open_bundle_runtime(bundle, provider=args.provider, compute_units=args.compute_units,
-                                  cuda_graphs=not args.no_cuda_graphs, vae_decoder=args.vae_decoder)
+    runtime = open_bundle_runtime(bundle, args.runtime, **_runtime_options(args))
     if args.mode == "cfg" or args.compare:
         runtime.require_baseline()  # before sampling starts
     return runtime, runtime.tokenizer()
+
+
+def _runtime_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The bundle-runtime options given on the command line (``open_bundle_runtime`` refuses those that do not apply)."""
+    return {"provider": args.provider, "compute_units": getattr(args, "compute_units", "all"),
+            "cuda_graphs": not getattr(args, "no_cuda_graphs", False), "vae_decoder": getattr(args, "vae_decoder", "full")}
 
 
 def _torch_runtime(args: argparse.Namespace, mode: str) -> Any:
@@ -198,31 +193,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SunEdgeError(f"output {args.output} must end in .png")
     if not args.output.parent.resolve().is_dir():
         raise SunEdgeError(f"output folder {args.output.parent} does not exist; create it first")
-    bundle = None
+    overrides = {"steps": args.steps, "scheduler": args.scheduler, "spacing": args.spacing, "height": args.height,
+                 "width": args.width}
+    common = {"guidance": args.guidance, "noise": args.noise}
     if args.bundle is not None:  # --bundle runs without PyTorch: nothing on this path imports it
         from sun_edge.bundle import open_bundle
 
         bundle = open_bundle(args.bundle)
-        defaults, baseline_defaults = _bundle_settings(args, bundle)
-    else:
-        runtime = _torch_runtime(args, args.mode)
-        size = {"height": args.height or runtime.native_size, "width": args.width or runtime.native_size}
-        base, cfg = (Settings() if args.mode == "sun" else Settings.baseline()), Settings.baseline()
-        defaults = {**size, "steps": base.steps, "scheduler": base.scheduler, "spacing": base.spacing}
-        baseline_defaults = {**size, "steps": cfg.steps, "scheduler": cfg.scheduler, "spacing": cfg.spacing}
-    overrides: dict[str, Any] = {k: v for k, v in (("steps", args.steps), ("scheduler", args.scheduler), ("spacing", args.spacing)) if v is not None}
-    settings = Settings(**{**defaults, **overrides, "mode": args.mode, "guidance": args.guidance, "noise": args.noise})
-    settings.validate()
-    if bundle is not None:
+        size = {"height": args.height, "width": args.width}
+        settings = Settings.from_manifest(bundle.manifest, args.mode, **overrides, **common)
+        baseline = Settings.from_manifest(bundle.manifest, "cfg", **size, **common)
+        settings.validate()
         runtime, tokenizer = _bundle_runtime(args, bundle)
         pipe = Pipeline(runtime, tokenizer)
     else:
+        runtime = _torch_runtime(args, args.mode)
+        size = {"height": args.height or runtime.native_size, "width": args.width or runtime.native_size}
+        settings = Settings.for_mode(args.mode, **{**overrides, **size}, **common)
+        baseline = Settings.for_mode("cfg", **size, **common)
+        settings.validate()
         pipe = Pipeline(runtime)
     info = runtime.info
     if info.get("adapter_parameters"):
         print(f"adapter {info['adapter']}: {info['adapter_parameters'] / 1e6:.2f}M parameters", file=sys.stderr)
 
-    runs = [settings] + ([Settings(**baseline_defaults, mode="cfg", guidance=args.guidance, noise=args.noise)] if args.compare else [])
+    runs = [settings] + ([baseline] if args.compare else [])
     if args.compare:  # the captions compare times: take one-time set-up out of both
         for s in runs:
             pipe.warm_up(s)
@@ -316,16 +311,17 @@ def _add_export_parser(sub: Any) -> None:
                         "for generate --vae-decoder tiny (onnx target only; default: full, the model's VAE alone)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
-    c = e.add_argument_group("coreml target")
-    c.add_argument("--attention", help="original (GPU; default) or split-einsum (Neural Engine)")
-    c.add_argument("--deployment-target", help="minimum OS: macOS13 (default), macOS14, macOS15, iOS16, iOS17, iOS18")
-    c.add_argument("--quantize-nbits", type=int, help="palettize UNet and text encoder weights to 8, 6, 4 or 3 bits (k-means)")
-    c.add_argument("--quantize-granularity", help="per-tensor (default) or per-grouped-channel (macOS15/iOS18)")
+    for target in TARGETS.values():  # each target's own options, declared in its registry entry
+        if target.options:
+            group = e.add_argument_group(f"{target.name} target")
+            for option in target.options:
+                group.add_argument(f"--{option.name.replace('_', '-')}", type=option.type, choices=option.choices,
+                                   help=option.help)
 
 
 def _add_build_engines_parser(sub: Any) -> None:
     """The ``build-engines`` subcommand: TensorRT engines for a tensorrt bundle, on the GPU that will serve it."""
-    from sun_edge.export.tensorrt_rules import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB
+    from sun_edge.export.tensorrt import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB
 
     b = sub.add_parser("build-engines", help="build TensorRT engines for a --target tensorrt bundle on this machine's GPU")
     b.add_argument("--bundle", type=Path, required=True, help="the bundle directory (sun-edge export --target tensorrt)")
@@ -348,39 +344,23 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sun_edge.export import ExportOptions, export
+    from sun_edge.bundle_parity import export_parity
+    from sun_edge.export import TARGETS, export, export_options
     from sun_edge.models import parse_lora_arg
 
-    coreml = {k: v for k, v in (("attention", args.attention), ("deployment_target", args.deployment_target),
-                                ("quantize_nbits", args.quantize_nbits), ("quantize_granularity", args.quantize_granularity))
-              if v is not None}
-    if args.target == "coreml":
-        from sun_edge.export.coreml import CoreMLOptions
-
-        options: ExportOptions = CoreMLOptions(precision=args.precision or "fp16", height=args.height, width=args.width,
-                                               with_baseline=args.with_baseline, **coreml)
-    elif coreml:
-        raise SunEdgeError(f"--{next(iter(coreml)).replace('_', '-')} applies to --target coreml only")
-    else:
-        precision = args.precision or ("fp16" if args.target == "tensorrt" else "fp32")
-        options = ExportOptions(precision=precision, height=args.height, width=args.width,
-                                with_baseline=args.with_baseline)
+    chosen = TARGETS.get(args.target)
+    for target in TARGETS.values():  # options of another target are refused, not ignored
+        for option in target.options:
+            if getattr(args, option.name) is not None and target is not chosen:
+                raise SunEdgeError(f"--{option.name.replace('_', '-')} applies to --target {target.name} only")
+    specific = {o.name: getattr(args, o.name) for o in (chosen.options if chosen else ()) if getattr(args, o.name) is not None}
+    options = export_options(args.target, precision=args.precision, height=args.height, width=args.width,
+                             with_baseline=args.with_baseline, **specific)
     loras = tuple(parse_lora_arg(text) for text in args.lora)
     path = export(args.target, args.model, args.output, adapter=args.adapter, loras=loras, allow_pickle=args.allow_pickle,
-                  options=options, force=args.force, parity=_export_parity(args.target), vae_decoder=args.vae_decoder)
+                  options=options, force=args.force, parity=export_parity, vae_decoder=args.vae_decoder)
     print(f"wrote {path}")
     return 0
-
-
-def _export_parity(target: str) -> Any:
-    """The check every export runs on its complete bundle before it lands (a bad export raises)."""
-    if target == "coreml":
-        from sun_edge.export.coreml import coreml_parity
-
-        return coreml_parity
-    from sun_edge.parity import export_parity
-
-    return export_parity
 
 
 def _add_check_parsers(sub: Any) -> None:
@@ -407,6 +387,7 @@ def _add_check_parsers(sub: Any) -> None:
     b.add_argument("--device", default="cpu", help="with --model: torch device (default: cpu)")
     b.add_argument("--optimize", default="none", choices=OPTIMIZATIONS,
                    help="with --model: UNet calls eager (none), as CUDA graphs, or through torch.compile (default: none)")
+    b.add_argument("--runtime", help="with --bundle: the runtime to time (default: the one its target names)")
     b.add_argument("--provider", default="cpu", help="with --bundle: ONNX Runtime execution provider (default: cpu)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per form, after one warm-up (default 3)")
     b.add_argument("--size", type=int, help="image height = width (default: the bundle's, or the model's own: SD1.5 512)")
@@ -428,8 +409,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
+    from sun_edge.bundle_parity import check_bundle
     from sun_edge.models import parse_lora_arg
-    from sun_edge.parity import check_bundle
 
     _check_json_path(args.json)
     if args.seeds < 1:
@@ -453,14 +434,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     size = (args.size, args.size) if args.size else None
     if args.bundle:
         from sun_edge.bundle import open_bundle
-        from sun_edge.parity import open_bundle_runtime
+        from sun_edge.runtimes import open_bundle_runtime
 
         if args.adapter or args.vae_decoder != "full":
             raise SunEdgeError("--adapter and --vae-decoder apply to --model; a bundle has its graphs built in "
                                "(its TAESD decoder, if exported, is timed as well)")
-        manifest = open_bundle(args.bundle).manifest
+        bundle = open_bundle(args.bundle)
+        manifest = bundle.manifest
         size = size if args.size else (int(manifest.image["height"]), int(manifest.image["width"]))
-        runtime = open_bundle_runtime(args.bundle, args.provider)
+        runtime = open_bundle_runtime(bundle, args.runtime, provider=args.provider)
         info.update(bundle=str(args.bundle), target=manifest.target, precision=manifest.precision, provider=args.provider)
     else:
         from sun_edge.runtimes.pytorch import TorchRuntime

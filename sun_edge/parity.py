@@ -14,23 +14,26 @@ reference makes an image, never on random tensors alone:
   in [-1, 1] (before 8-bit quantization, so differences below one 8-bit level still count).
 
 A component's figure is its worst PSNR over all its inputs (steps, seeds) and its largest absolute
-difference. Components the candidate lacks are skipped and listed. NumPy only.
+difference. Components the candidate lacks are skipped and listed. Thresholds come from each
+target's registry entry (``sun_edge.export.targets``). Re-checking a bundle against the model it was
+exported from is ``sun_edge.bundle_parity``. NumPy only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
-from types import MappingProxyType
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from sun_edge import sampling
 from sun_edge.errors import SunEdgeError
-from sun_edge.pipeline import Pipeline, Runtime, Settings
+from sun_edge.components import Runtime
+from sun_edge.export.targets import ROWS
+from sun_edge.export.targets import target as export_target
+from sun_edge.pipeline import Pipeline, Settings
 from sun_edge.tokenizer import CLIPTokenizer
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, sharp focus"
@@ -61,71 +64,12 @@ def max_abs(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(ref, np.float64) - np.asarray(out, np.float64))))
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """Minimum PSNR (dB) per component for one target and precision.
-
-    fp32 graphs differ from PyTorch only in the order of float32 operations (the tiny model's
-    ONNX fp32 export measures 127-140 dB), so fp32 floors only have to catch graph bugs; fp16
-    floors allow for fp16's 11-bit mantissa accumulated through a network (its fp16 export
-    measures 69-72 dB). Images are in [-1, 1]: 30 dB is an rms error of 4 8-bit levels, 35 dB
-    2.3, 40 dB 1.3, 45 dB 0.7 (below one level).
-    """
-
-    text_encoder: float  # held tighter than the UNet: its error reaches every step; and CLIP's outlier
-    #                      channels (|h| ~ 30 against ~1 elsewhere in SD1.5) make the peak, inflating PSNR
-    unet: float  # the issue's figures; unet_plain the same
-    unet_plain: float
-    vae_decoder: float  # one stage of the image: stricter than the image's own floor
-    vae_encoder: float  # img2img only; scaled latents, peak ~4 against unit variance, like the UNet's eps
-    vae_decoder_tiny: float  # TAESD on both sides (not TAESD against the full VAE): as the VAE decoder
-    image: float  # the 4-step chain end to end: the issue's 30 dB at fp16, 40 dB (1.3 levels) at fp32
-
-
-COMPONENTS: tuple[str, ...] = tuple(f.name for f in fields(Thresholds))
-
-ONNX_FP32 = Thresholds(text_encoder=60.0, unet=40.0, unet_plain=40.0, vae_decoder=45.0, vae_encoder=45.0,
-                       vae_decoder_tiny=45.0, image=40.0)
-ONNX_FP16 = Thresholds(text_encoder=40.0, unet=35.0, unet_plain=35.0, vae_decoder=35.0, vae_encoder=35.0,
-                       vae_decoder_tiny=35.0, image=30.0)
-
-# Core ML: the ONNX floors (measured on Linux through the NumPy MIL evaluator, which rounds every op
-# to the program's float16: the tiny model's fp16 bundle gives 59-69 dB and its float32 VAE 131 dB; the
-# full-size random SD1.5 UNet 53.6 dB, text encoder 69.5 dB). Palettized components ("fp16-pal<n>":
-# weights from a k-means table of 2**n entries) are held to floors set by the weight error, not the
-# arithmetic: k-means on bell-shaped weights loses ~6 dB per bit (Lloyd-Max), so 6n - 6 dB for the UNet
-# and 6n - 12 dB for the text encoder (12 layers compound it) and the image, about 10 dB under what was
-# measured: tiny UNet 58/47/36 dB, text encoder 56/40/31, image 59/47/34 at 8/6/4 bits; full-size
-# random SD1.5 at 6 bits UNet 39.5 dB, text encoder 34.7 dB.
-COREML_FP32 = ONNX_FP32
-COREML_FP16 = ONNX_FP16
-
-
-def _palettized(nbits: int) -> Thresholds:
-    return replace(COREML_FP16, text_encoder=6.0 * nbits - 12.0, unet=6.0 * nbits - 6.0, unet_plain=6.0 * nbits - 6.0,
-                   image=6.0 * nbits - 12.0)
-
-
-COREML_FP16_PAL8 = _palettized(8)
-COREML_FP16_PAL6 = _palettized(6)
-COREML_FP16_PAL4 = _palettized(4)
-COREML_FP16_PAL3 = _palettized(3)
-
-THRESHOLDS = MappingProxyType({("onnx", "fp32"): ONNX_FP32, ("onnx", "fp16"): ONNX_FP16,
-                               ("tensorrt", "fp32"): ONNX_FP32, ("tensorrt", "fp16"): ONNX_FP16,
-                               ("coreml", "fp32"): COREML_FP32, ("coreml", "fp16"): COREML_FP16,
-                               ("coreml", "fp16-pal8"): COREML_FP16_PAL8, ("coreml", "fp16-pal6"): COREML_FP16_PAL6,
-                               ("coreml", "fp16-pal4"): COREML_FP16_PAL4, ("coreml", "fp16-pal3"): COREML_FP16_PAL3})
+COMPONENTS: tuple[str, ...] = ROWS  # parity rows: every component of the table, then the whole image
 
 
 def threshold(component: str, precision: str, target: str = "onnx") -> float:
-    """The minimum PSNR (dB) of ``component`` for ``target`` at ``precision``; unknown names list the valid ones."""
-    if component not in COMPONENTS:
-        raise SunEdgeError(f"unknown parity component {component!r}; valid components: {', '.join(COMPONENTS)}")
-    if (target, precision) not in THRESHOLDS:
-        valid = ", ".join(f"{t} {p}" for t, p in THRESHOLDS)
-        raise SunEdgeError(f"no parity thresholds for {target} {precision}; defined: {valid}")
-    return float(getattr(THRESHOLDS[target, precision], component))
+    """The minimum PSNR (dB) of ``component`` for ``target`` at ``precision`` (the target's registry entry)."""
+    return export_target(target).threshold(component, precision)
 
 
 @dataclass(frozen=True)
@@ -206,25 +150,9 @@ def _fmt_db(x: float) -> str:
     return f"{x:.2f}" if math.isfinite(x) else str(x)
 
 
-_METHODS = MappingProxyType({"text_encoder": "encode_text", "unet": "unet", "unet_plain": "unet_plain", "vae_decoder": "decode",
-                             "vae_encoder": "encode", "vae_decoder_tiny": "decode_tiny", "image": "unet"})
-
-
-def has_component(runtime: Any, component: str) -> bool:
-    """Whether a runtime can compute ``component`` (a name of ``COMPONENTS``; the protocol's optional parts)."""
-    if not callable(getattr(runtime, _METHODS[component], None)):
-        return False
-    graphs = getattr(getattr(runtime, "manifest", None), "components", None)  # a bundle runtime: the graphs it has
-    if graphs is not None and ("unet" if component == "image" else component) not in graphs:
-        return False
-    if component in ("unet", "image"):  # TorchRuntime without an adapter keeps the method but has no SUN UNet
-        return getattr(runtime, "sun_unet", True) is not None
-    return component != "vae_decoder_tiny" or bool(getattr(runtime, "has_tiny_decoder", False))
-
-
-def full_decoder(runtime: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """The runtime's full VAE decoder (``decode_full`` when ``decode`` may be a tiny one)."""
-    return getattr(runtime, "decode_full", None) or runtime.decode
+def has_component(runtime: Runtime, row: str) -> bool:
+    """Whether a runtime computes parity row ``row`` (a component, or ``image``: the SUN pipeline)."""
+    return runtime.has("unet" if row == "image" else row)
 
 
 @dataclass(frozen=True)
@@ -255,7 +183,7 @@ def pipeline_image(pipe: Pipeline, prompt: str, negative_prompt: str, seed: int,
     pos, neg = pipe.embed(prompt), pipe.embed(negative_prompt)
     latents = sampling.sample(pipe.eps_fn(pos, neg, settings), pipe.initial_latents(seed, settings),
                               steps=settings.steps, scheduler=settings.scheduler, spacing=settings.spacing)
-    return full_decoder(pipe.runtime)(latents.astype(np.float32))
+    return pipe.runtime.decode_full(latents.astype(np.float32))
 
 
 def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, seeds: Sequence[int] = (0,),
@@ -277,7 +205,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
     precisions = {c: (precisions or {}).get(c, precision) for c in wanted}
     limits = {c: threshold(c, precisions[c], target) for c in wanted}  # validates names, target, precision
     if not has_component(reference, "unet"):
-        raise SunEdgeError(f"the reference runtime {getattr(reference, 'name', '?')} has no SUN adapter; parity needs one")
+        raise SunEdgeError(f"the reference runtime {reference.name} has no SUN adapter; parity needs one")
     skipped = {c: "candidate has none" if not has_component(candidate, c) else "reference has none"
                for c in wanted if not (has_component(candidate, c) and has_component(reference, c))}
     active = [c for c in wanted if c not in skipped]
@@ -291,7 +219,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
 
     # One component at a time, all seeds, then its candidate session is released (``release``, where the
     # runtime has one): a full-size fp16 bundle on a CPU holds one UNet's weights at a time, not two.
-    release = getattr(candidate, "release", lambda component: None)
+    release = candidate.release
     ids = {"prompt": tokenizer.encode(prompt), "negative prompt": tokenizer.encode(negative_prompt)}  # [1, 77] each
     emb = {name: reference.encode_text(x) for name, x in ids.items()}  # [1, 77, D] each
     if "text_encoder" in found:
@@ -300,7 +228,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
         release("text_encoder")
     pos, neg = emb["prompt"], emb["negative prompt"]
     paths = {seed: sun_trajectory(ref_pipe, pos, neg, seed, settings) for seed in seeds}
-    images = {seed: full_decoder(reference)(path.final) for seed, path in paths.items()}  # [1, 3, H, W] each
+    images = {seed: reference.decode_full(path.final) for seed, path in paths.items()}  # [1, 3, H, W] each
     timesteps = [int(t[0]) for _, t, _ in paths[seeds[-1]].steps] if paths else []
     steps = [(seed, i, x, t, eps) for seed, path in paths.items() for i, (x, t, eps) in enumerate(path.steps)]
     where = {(seed, i): f"seed {seed}, step {i + 1} (t={int(t[0])})" for seed, i, _, t, _ in steps}
@@ -316,7 +244,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
         release("unet_plain")
     for seed, path in paths.items():
         if "vae_decoder" in found:
-            measure("vae_decoder", images[seed], full_decoder(candidate)(path.final), f"seed {seed}")
+            measure("vae_decoder", images[seed], candidate.decode_full(path.final), f"seed {seed}")
         if "vae_decoder_tiny" in found:
             measure("vae_decoder_tiny", reference.decode_tiny(path.final), candidate.decode_tiny(path.final),
                     f"seed {seed}")
@@ -331,8 +259,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
               "steps": settings.steps, "scheduler": settings.scheduler, "spacing": settings.spacing,
               "timesteps": timesteps, "height": settings.height, "width": settings.width, "noise": settings.noise,
               "note": INPUTS_NOTE}
-    return ParityReport(rows, target, precision, getattr(reference, "name", "reference"),
-                        getattr(candidate, "name", "candidate"), inputs, skipped)
+    return ParityReport(rows, target, precision, reference.name, candidate.name, inputs, skipped)
 
 
 def _row(component: str, found: list[tuple[float, float, str]], limit: float, precision: str) -> ParityRow:
@@ -349,135 +276,3 @@ def check_report(report: ParityReport) -> None:
         raise SunEdgeError(f"parity check failed: {row.component} at {_fmt_db(row.psnr_db)} dB is below its "
                            f"{report.target} {row.precision} threshold of {row.threshold_db:g} dB "
                            f"(worst input: {row.worst_input})")
-
-
-def open_bundle_runtime(bundle_dir: Path, provider: str = "cpu") -> Runtime:
-    """Open a bundle directory with the runtime its target needs (ONNX Runtime, Core ML or its evaluator, TensorRT)."""
-    from sun_edge.bundle import open_bundle
-    from sun_edge.runtimes import open_bundle_runtime as open_runtime
-
-    return open_runtime(open_bundle(bundle_dir), provider=provider)
-
-
-def bundle_report(reference: Runtime, bundle_dir: Path, *, precision: str | None = None, seeds: Sequence[int] = (0,),
-                  provider: str = "cpu") -> ParityReport:
-    """Compare a bundle's graphs with ``reference`` at the bundle's size and scheduler, each component at its precision."""
-    from sun_edge.bundle import open_bundle
-
-    manifest = open_bundle(bundle_dir).manifest
-    candidate = open_bundle_runtime(bundle_dir, provider)
-    return compare_runtimes(reference, candidate, precision=precision or manifest.precision, seeds=seeds,
-                            settings=bundle_settings(manifest), target=manifest.target,
-                            precisions={name: c.precision for name, c in manifest.components.items()})
-
-
-def export_parity(reference_runtime: Runtime, bundle_dir: Path, precision: str | None = None, *,
-                  seeds: Sequence[int] = (0,), provider: str = "cpu") -> dict[str, Any]:
-    """The exporter's hook (``sun_edge.export.ParityFn``), run on the complete bundle before it is moved into place.
-
-    Opens the bundle directory with its runtime, compares it with ``reference_runtime`` on real
-    inputs and returns the figures for the manifest's ``parity`` field; raises SunEdgeError if a
-    component is below its threshold, so that a bad export never lands. ``precision`` defaults to
-    the manifest's.
-    """
-    report = bundle_report(reference_runtime, bundle_dir, precision=precision, seeds=seeds, provider=provider)
-    check_report(report)
-    return report.to_dict()
-
-
-@dataclass(frozen=True)
-class BundleCheck:
-    """``check_bundle``'s result: the report, and how the reference differs from what the bundle recorded."""
-
-    report: ParityReport
-    mismatches: tuple[str, ...]  # empty when the reference's sha256s equal the manifest's
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.report.to_dict(), "reference_matches_bundle": not self.mismatches,
-                "reference_mismatches": list(self.mismatches)}
-
-
-def bundle_settings(manifest: Any) -> Settings:
-    """The SUN sampling run a bundle was exported for: its image size and scheduler defaults."""
-    scheduler = manifest.scheduler or {}
-    return Settings(height=int(manifest.image["height"]), width=int(manifest.image["width"]),
-                    steps=int(scheduler.get("steps", Settings.steps)), scheduler=str(scheduler.get("name", Settings.scheduler)),
-                    spacing=str(scheduler.get("spacing", Settings.spacing)))
-
-
-def reference_mismatches(manifest: Any, info: dict[str, Any],
-                         loras: Sequence[tuple[Path, float]] | None = None) -> tuple[str, ...]:
-    """Where the reference (its ``runtime.info``, the LoRA files given) differs from what the manifest recorded."""
-    from sun_edge.weights import sha256_file
-
-    out = []
-    for what, recorded, actual in (("model", (manifest.model or {}).get("sha256"), info.get("model_sha256")),
-                                   ("adapter", (manifest.adapter or {}).get("sha256"), info.get("adapter_sha256"))):
-        if recorded and recorded != actual:
-            out.append(f"{what} sha256 {actual[:12] + '...' if actual else 'unknown'} differs from the bundle's "
-                       f"{recorded[:12]}...")
-    if loras is not None:
-        recorded_loras = sorted((x.get("sha256"), float(x.get("scale", 1.0))) for x in (manifest.model or {}).get("loras") or [])
-        if sorted((sha256_file(Path(p)), float(scale)) for p, scale in loras) != recorded_loras:
-            out.append("the LoRAs given (sha256, scale) differ from those merged at export")
-    return tuple(out)
-
-
-def reference_for_bundle(manifest: Any, *, model: str | None = None, adapter: str | None = None,
-                         loras: Sequence[tuple[Path, float]] | None = None, allow_pickle: bool = False,
-                         vae_decoder: str | None = None) -> Runtime:
-    """The PyTorch reference a bundle was exported from: the manifest's model/adapter ``path``s unless overridden.
-
-    A bundle with a TAESD graph gets its TAESD decoder too (``vae_decoder`` ``tiny:PATH``, default the
-    path its manifest records), so that ``vae_decoder_tiny`` is checked against its own PyTorch module.
-    """
-    from sun_edge.runtimes.pytorch import TorchRuntime
-
-    model = model or (manifest.model or {}).get("path")
-    adapter = adapter or (manifest.adapter or {}).get("path")
-    if not model:
-        raise SunEdgeError("the bundle's manifest records no model path; pass --model NAME|PATH (the model it was exported from)")
-    if not adapter:
-        raise SunEdgeError("the bundle's manifest records no adapter path; pass --adapter PATH (the adapter it was exported from)")
-    if loras is None:  # the LoRAs merged at export, where the manifest says where they are
-        recorded = (manifest.model or {}).get("loras") or []
-        unknown = [str(x.get("file", x)) for x in recorded if not x.get("path")]
-        if unknown:
-            raise SunEdgeError(f"the bundle was exported with LoRA(s) {', '.join(unknown)} and its manifest records no "
-                               "path for them; pass each with --lora FILE[:SCALE]")
-        loras = [(Path(x["path"]), float(x.get("scale", 1.0))) for x in recorded]
-    if "vae_decoder_tiny" in getattr(manifest, "components", {}):
-        recorded_tiny = (getattr(manifest, "vae_decoder_tiny", None) or {}).get("path")
-        if not vae_decoder and not recorded_tiny:
-            raise SunEdgeError("the bundle has a TAESD decoder and its manifest records no path for it; pass "
-                               "--vae-decoder tiny:PATH (the TAESD weights it was exported from)")
-        vae_decoder = vae_decoder or f"tiny:{recorded_tiny}"
-    elif vae_decoder not in (None, "full"):
-        raise SunEdgeError("--vae-decoder checks a bundle's TAESD decoder, and this bundle has none (vae_decoder_tiny)")
-    return TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle, vae_decoder=vae_decoder)
-
-
-def _tiny_mismatch(manifest: Any, reference: Any) -> tuple[str, ...]:
-    """How the reference's TAESD weights differ from those the bundle recorded (sha256), if they do."""
-    from sun_edge.taesd import weights_file
-    from sun_edge.weights import sha256_file
-
-    recorded = (getattr(manifest, "vae_decoder_tiny", None) or {}).get("sha256")
-    tiny = getattr(reference, "tiny_decoder", None)
-    if not recorded or tiny is None:
-        return ()
-    actual = sha256_file(weights_file(Path(tiny.source)))
-    return () if actual == recorded else (f"TAESD decoder sha256 {actual[:12]}... differs from the bundle's {recorded[:12]}...",)
-
-
-def check_bundle(bundle_dir: Path, *, seeds: Sequence[int] = (0,), model: str | None = None, adapter: str | None = None,
-                 loras: Sequence[tuple[Path, float]] | None = None, allow_pickle: bool = False,
-                 provider: str = "cpu", vae_decoder: str | None = None) -> BundleCheck:
-    """``sun-edge parity``: re-run the export's parity check on a bundle, against its reference model."""
-    from sun_edge.bundle import open_bundle
-
-    manifest = open_bundle(bundle_dir).manifest
-    reference = reference_for_bundle(manifest, model=model, adapter=adapter, loras=loras, allow_pickle=allow_pickle,
-                                     vae_decoder=vae_decoder)
-    mismatches = reference_mismatches(manifest, getattr(reference, "info", {}), loras) + _tiny_mismatch(manifest, reference)
-    return BundleCheck(bundle_report(reference, bundle_dir, seeds=seeds, provider=provider), mismatches)

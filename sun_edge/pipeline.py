@@ -10,30 +10,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image
 
 from sun_edge import imaging, noise, sampling
 from sun_edge import __version__
+from sun_edge.components import Runtime
 from sun_edge.errors import SunEdgeError
 from sun_edge.tokenizer import CLIPTokenizer
 
+if TYPE_CHECKING:
+    from sun_edge.bundle import Manifest
+
+__all__ = ["Generated", "Mode", "Pipeline", "Runtime", "Settings"]
+
 Mode = Literal["sun", "cfg"]
 NoiseKind = Literal["torch", "numpy"]
-
-
-class Runtime(Protocol):
-    """What a pipeline needs of a runtime (DESIGN.md); ``unet_plain`` only for CFG mode."""
-
-    latent_channels: int
-    vae_scale_factor: int
-    info: dict[str, Any]
-
-    def encode_text(self, ids: np.ndarray) -> np.ndarray: ...
-    def unet(self, latents: np.ndarray, t: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray: ...
-    def decode(self, latents: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -53,6 +47,27 @@ class Settings:
     def baseline(cls, **overrides: Any) -> "Settings":
         """The reference SUN is measured against: 25 DPM-Solver++ steps with CFG at scale 8."""
         return replace(cls(mode="cfg", steps=25, scheduler="dpmpp_2m", spacing="linspace"), **overrides)
+
+    @classmethod
+    def for_mode(cls, mode: Mode = "sun", **overrides: Any) -> "Settings":
+        """The defaults of ``mode`` (SUN's, or ``baseline()``'s for ``cfg``), then ``overrides`` (``None`` keeps a default)."""
+        base = cls() if mode == "sun" else cls.baseline()
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, mode: Mode = "sun", **overrides: Any) -> "Settings":
+        """A bundle's defaults for ``mode``: its image size and the scheduler it records for that mode (SUN's
+        ``scheduler``, CFG's ``baseline``), then ``overrides``. A bundle's graphs have static shapes: another
+        size is refused."""
+        size = {"height": int(manifest.image["height"]), "width": int(manifest.image["width"])}
+        recorded = (manifest.scheduler if mode == "sun" else manifest.baseline) or {}
+        settings = cls.for_mode(mode, **size, steps=recorded.get("steps"), scheduler=recorded.get("name"),
+                                spacing=recorded.get("spacing"))
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        if (settings.height, settings.width) != (size["height"], size["width"]):
+            raise SunEdgeError(f"this bundle makes {size['width']}x{size['height']} images (its graphs have static "
+                               "shapes); ask for that size, or re-export it at the size you want")
+        return settings
 
     def validate(self) -> None:
         if self.mode not in ("sun", "cfg"):
@@ -106,9 +121,9 @@ class Pipeline:
             def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
                 return self.runtime.unet(latents, t, pos, neg)
         else:
-            plain = getattr(self.runtime, "unet_plain", None)
-            if plain is None:
-                raise SunEdgeError(f"runtime {getattr(self.runtime, 'name', '?')} has no UNet without the adapter; CFG mode needs one")
+            if not self.runtime.has("unet_plain"):
+                raise SunEdgeError(f"runtime {self.runtime.name} has no UNet without the adapter; CFG mode needs one")
+            plain = self.runtime.unet_plain
             context = np.concatenate([neg, pos])  # [2, 77, D]
 
             def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -168,7 +183,7 @@ class Pipeline:
             "SUN adapter": info.get("adapter") if sun else None,
             "SUN adapter sha256": info.get("adapter_sha256") if sun else None,
             "Noise": settings.noise,
-            "Runtime": getattr(self.runtime, "name", None),
+            "Runtime": self.runtime.name,
             "Version": f"sun-edge {__version__}",
         }
 

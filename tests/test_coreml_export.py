@@ -23,7 +23,7 @@ from no_torch import run_without_torch  # noqa: E402
 
 from sun_edge.bundle import open_bundle  # noqa: E402
 from sun_edge.errors import SunEdgeError  # noqa: E402
-from sun_edge.parity import COREML_FP16, COREML_FP16_PAL6, COREML_FP32  # noqa: E402
+from sun_edge.export.targets import COREML_FP16, COREML_FP16_PAL6, COREML_FP32  # noqa: E402
 
 SIZE = 64  # latents [1, 4, 8, 8]
 PACKAGES = {"text_encoder": "TextEncoder.mlpackage", "unet": "Unet.mlpackage", "vae_decoder": "VAEDecoder.mlpackage",
@@ -183,8 +183,8 @@ def test_generate_from_a_coreml_bundle_without_torch(coreml_bundle, tmp_path):
     result = run_without_torch(f"""
         import sys
         from sun_edge.cli import main
-        code = main(["generate", "--bundle", {str(coreml_bundle)!r}, "--prompt", "a cat", "--negative-prompt", "blurry",
-                     "-o", {str(out)!r}])
+        code = main(["generate", "--bundle", {str(coreml_bundle)!r}, "--runtime", "coreml-mil", "--prompt", "a cat",
+                     "--negative-prompt", "blurry", "-o", {str(out)!r}])
         assert "torch" not in sys.modules and "diffusers" not in sys.modules
         sys.exit(code)
     """, capture_output=True, text=True)

@@ -20,7 +20,8 @@ from sun_edge.errors import SunEdgeError
 from sun_edge.export import ExportOptions, export
 from sun_edge.export import onnx as onnx_target
 from sun_edge.imaging import read_parameters
-from sun_edge.parity import export_parity, psnr, threshold
+from sun_edge.bundle_parity import export_parity
+from sun_edge.parity import psnr, threshold
 from sun_edge.pipeline import Pipeline, Settings
 from sun_edge.runtimes.onnxruntime import OnnxRuntime
 from sun_edge.taesd import WEIGHTS_FILE
@@ -230,7 +231,7 @@ def test_bench_times_the_tiny_decoder_of_a_bundle(tiny_bundle, tmp_path, capsys)
 def test_parity_reference_helpers_for_the_tiny_decoder(taesd_dir):
     from types import SimpleNamespace
 
-    from sun_edge import parity
+    from sun_edge import bundle_parity as parity
     from sun_edge.weights import sha256_file
 
     manifest = SimpleNamespace(model={"path": "/m"}, adapter={"path": "/a"}, components={"vae_decoder_tiny": None},

@@ -73,7 +73,7 @@ def test_a_whole_image_matches_the_reference_pipeline(onnx_fp32_bundle, tiny_ref
 
 
 def test_runtime_attributes_come_from_the_manifest(onnx_fp32_bundle, tiny_reference):
-    assert RUNTIMES["onnxruntime"] == "sun_edge.runtimes.onnxruntime"
+    assert RUNTIMES["onnxruntime"].module == "sun_edge.runtimes.onnxruntime"
     rt = runtime_module("onnxruntime").OnnxRuntime.open(onnx_fp32_bundle)
     assert rt.name == "onnxruntime"
     assert (rt.latent_channels, rt.vae_scale_factor, rt.text_tokens, rt.text_dim) == (4, 8, 77, 32)

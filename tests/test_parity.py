@@ -14,20 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from sun_edge import parity
+from sun_edge import bundle_parity, parity
 from sun_edge.adapter import SUNAdapter
 from sun_edge.errors import SunEdgeError
+from sun_edge.export.targets import ONNX_FP16, ONNX_FP32
 from sun_edge.parity import (
     COMPONENTS,
-    ONNX_FP16,
-    ONNX_FP32,
     check_report,
     compare_runtimes,
-    export_parity,
     max_abs,
     psnr,
     threshold,
 )
+from sun_edge.bundle_parity import export_parity
+from sun_edge.components import COMPONENTS as TABLE
 from sun_edge.pipeline import Settings
 from sun_edge.runtimes.pytorch import TorchRuntime
 from sun_edge.weights import sha256_file
@@ -62,6 +62,9 @@ class Wrapped:
         if name in self._hide:
             raise AttributeError(name)
         return getattr(self._runtime, name)
+
+    def has(self, component: str) -> bool:  # a hidden method hides its component
+        return TABLE[component].method not in self._hide and self._runtime.has(component)
 
 
 def noisy(fn, db: float, seed: int = 0):
@@ -213,7 +216,7 @@ def test_bad_arguments(reference, same):
         compare_runtimes(reference, same, precision="fp32", settings=Settings.baseline(height=64, width=64))
     with pytest.raises(SunEdgeError, match="pass at least one seed"):
         compare_runtimes(reference, same, precision="fp32", settings=SMALL, seeds=(), components=["unet"])
-    no_adapter = Wrapped(reference, sun_unet=None)
+    no_adapter = Wrapped(reference, hide=("unet",))
     with pytest.raises(SunEdgeError, match="reference runtime pytorch has no SUN adapter"):
         compare_runtimes(no_adapter, same, precision="fp32", settings=SMALL)
 
@@ -240,7 +243,7 @@ def test_export_parity_returns_figures_or_refuses(monkeypatch, reference, same, 
         opened.append((bundle_dir, provider))
         return candidate
 
-    monkeypatch.setattr(parity, "open_bundle_runtime", fake_open)
+    monkeypatch.setattr(bundle_parity, "open_checked_runtime", fake_open)
     write_manifest(tmp_path, "fp16")
     candidate = same
     figures = export_parity(reference, tmp_path)
@@ -259,25 +262,25 @@ def test_export_parity_returns_figures_or_refuses(monkeypatch, reference, same, 
 def test_bundle_helpers(tmp_path):
     manifest = SimpleNamespace(image={"height": 64, "width": 96}, scheduler={"name": "ddim", "spacing": "trailing", "steps": 4},
                                model={"name": "m", "sha256": "a" * 64, "path": "/m"}, adapter={"sha256": "b" * 64})
-    settings = parity.bundle_settings(manifest)
+    settings = Settings.from_manifest(manifest)
     assert (settings.height, settings.width, settings.steps, settings.scheduler, settings.mode) == (64, 96, 4, "ddim", "sun")
-    assert parity.reference_mismatches(manifest, {"model_sha256": "a" * 64, "adapter_sha256": "b" * 64}) == ()
-    problems = parity.reference_mismatches(manifest, {"model_sha256": "c" * 64, "adapter_sha256": "b" * 64})
+    assert bundle_parity.reference_mismatches(manifest, {"model_sha256": "a" * 64, "adapter_sha256": "b" * 64}) == ()
+    problems = bundle_parity.reference_mismatches(manifest, {"model_sha256": "c" * 64, "adapter_sha256": "b" * 64})
     assert problems == (f"model sha256 {'c' * 12}... differs from the bundle's {'a' * 12}...",)
     with pytest.raises(SunEdgeError, match="records no adapter path; pass --adapter PATH"):
-        parity.reference_for_bundle(manifest)
+        bundle_parity.reference_for_bundle(manifest)
     manifest.model["loras"] = [{"file": "style.safetensors", "scale": 0.8, "sha256": "d" * 64}]
     with pytest.raises(SunEdgeError, match=r"exported with LoRA\(s\) style.safetensors and its manifest records no path "
                                            r"for them; pass each with --lora"):
-        parity.reference_for_bundle(manifest, adapter="/a")
+        bundle_parity.reference_for_bundle(manifest, adapter="/a")
     lora = tmp_path / "style.safetensors"
     lora.write_bytes(b"not really a lora")
     info = {"model_sha256": "a" * 64, "adapter_sha256": "b" * 64}
-    assert parity.reference_mismatches(manifest, info, [(lora, 0.8)]) == (
+    assert bundle_parity.reference_mismatches(manifest, info, [(lora, 0.8)]) == (
         "the LoRAs given (sha256, scale) differ from those merged at export",)
     manifest.model["loras"][0]["sha256"] = sha256_file(lora)
-    assert parity.reference_mismatches(manifest, info, [(lora, 0.8)]) == ()
-    assert parity.reference_mismatches(manifest, info, [(lora, 1.0)]) != ()
+    assert bundle_parity.reference_mismatches(manifest, info, [(lora, 0.8)]) == ()
+    assert bundle_parity.reference_mismatches(manifest, info, [(lora, 1.0)]) != ()
 
 
 # --- bundles: the ONNX export of the tiny model (conftest's session fixtures), through the CLI

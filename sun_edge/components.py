@@ -1,0 +1,178 @@
+"""The component table: every graph a bundle can hold, declared once.
+
+A component is one network a runtime evaluates: the text encoder, the SUN UNet, the UNet without
+the adapter (the CFG baseline), the VAE decoder and encoder, TAESD's tiny decoder. Each entry
+names the runtime method that runs it, its inputs and outputs as functions of one ``Geometry``
+(batch, image and latent size, text length), whether a bundle may lack it, and its precision
+policy. Exporters build their graphs' I/O from it, bundle runtimes check calls against it,
+parity and bench loop over it; nothing else restates a signature.
+
+Adding an input to a component (ControlNet residuals, a 9-channel inpainting sample) is a change
+to its entry here; adding a component is one more entry (and the method on the runtimes).
+
+``Runtime`` is the protocol every runtime implements (DESIGN.md, "Contracts"): NumPy in and out,
+with ``has(component)`` saying which components it can compute, so that callers never probe
+for methods.
+
+NumPy-free and torch-free: bundle runtimes and apps import this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from sun_edge.bundle import TensorSpec
+from sun_edge.errors import SunEdgeError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from sun_edge.bundle import Manifest
+
+FREE = -1  # a free dimension in a TensorSpec (the CFG baseline UNet's batch: 1 or 2)
+Policy = Literal["bundle", "fp32"]  # "bundle": the bundle's precision (fp16 with fp32 islands); "fp32": always
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The sizes every component's I/O is computed from."""
+
+    height: int  # image
+    width: int
+    latent_channels: int = 4
+    vae_scale_factor: int = 8
+    text_tokens: int = 77
+    text_dim: int = 768
+    batch: int = 1
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // self.vae_scale_factor
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // self.vae_scale_factor
+
+    @property
+    def latents(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.latent_channels, self.latent_height, self.latent_width)
+
+    @property
+    def image(self) -> tuple[int, int, int, int]:
+        return (self.batch, 3, self.height, self.width)
+
+    @property
+    def text(self) -> tuple[int, int, int]:
+        return (self.batch, self.text_tokens, self.text_dim)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> Geometry:
+        """The geometry a bundle's graphs were exported for."""
+        image, latent, text = manifest.image, manifest.latent, manifest.text
+        return cls(height=int(image["height"]), width=int(image["width"]), latent_channels=int(latent["channels"]),
+                   vae_scale_factor=int(image["height"]) // int(latent["height"]), text_tokens=int(text["tokens"]),
+                   text_dim=int(text["dim"]))
+
+
+IO = Callable[[Geometry], tuple[TensorSpec, ...]]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One component: how a runtime runs it and what its graph takes and returns."""
+
+    name: str  # the manifest key and the parity row
+    method: str  # the ``Runtime`` method that computes it
+    inputs: IO
+    outputs: IO
+    optional: bool  # a bundle may lack it
+    policy: Policy
+    summary: str
+
+    def io(self, geometry: Geometry) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        return self.inputs(geometry), self.outputs(geometry)
+
+    def precision(self, bundle_precision: str) -> str:
+        """This component's precision in a bundle of ``bundle_precision`` (its VAE stays float32)."""
+        return "fp32" if self.policy == "fp32" else bundle_precision
+
+
+def _f32(name: str, shape: tuple[int, ...]) -> TensorSpec:
+    return TensorSpec(name, "float32", tuple(shape))
+
+
+def _cfg_batch(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (FREE, *shape[1:])
+
+
+COMPONENTS: Mapping[str, ComponentSpec] = MappingProxyType({c.name: c for c in (
+    ComponentSpec("text_encoder", "encode_text",
+                  lambda g: (TensorSpec("input_ids", "int64", (g.batch, g.text_tokens)),),
+                  lambda g: (_f32("last_hidden_state", g.text),),
+                  optional=False, policy="bundle", summary="token ids -> text embedding (CLIP's last hidden state)"),
+    ComponentSpec("unet", "unet",
+                  lambda g: (_f32("sample", g.latents), _f32("timestep", (1,)), _f32("encoder_hidden_states", g.text),
+                             _f32("negative_encoder_hidden_states", g.text)),
+                  lambda g: (_f32("noise_pred", g.latents),),
+                  optional=False, policy="bundle", summary="the SUN UNet, adapter fused: one forward per step"),
+    ComponentSpec("unet_plain", "unet_plain",
+                  lambda g: (_f32("sample", _cfg_batch(g.latents)), _f32("timestep", (1,)),
+                             _f32("encoder_hidden_states", _cfg_batch(g.text))),
+                  lambda g: (_f32("noise_pred", _cfg_batch(g.latents)),),
+                  optional=True, policy="bundle", summary="the UNet without the adapter, batch 1 or 2 (CFG baseline)"),
+    ComponentSpec("vae_decoder", "decode_full",
+                  lambda g: (_f32("latent_sample", g.latents),), lambda g: (_f32("sample", g.image),),
+                  optional=False, policy="fp32", summary="sampler latents -> image in [-1, 1] (1/scaling inside)"),
+    ComponentSpec("vae_encoder", "encode",
+                  lambda g: (_f32("sample", g.image),), lambda g: (_f32("latent_sample", g.latents),),
+                  optional=True, policy="fp32", summary="image in [-1, 1] -> scaled posterior mean (img2img)"),
+    ComponentSpec("vae_decoder_tiny", "decode_tiny",
+                  lambda g: (_f32("latents", g.latents),), lambda g: (_f32("image", g.image),),
+                  optional=True, policy="bundle", summary="TAESD: sampler latents -> image in [-1, 1]"),
+)})
+
+
+def component(name: str) -> ComponentSpec:
+    """The entry of ``name``; unknown names list the valid ones."""
+    if name not in COMPONENTS:
+        raise SunEdgeError(f"unknown component {name!r}; valid components: {', '.join(COMPONENTS)}")
+    return COMPONENTS[name]
+
+
+def describe(specs: tuple[TensorSpec, ...]) -> str:
+    """``"sample float32 [1,4,64,64], timestep float32 [1]"``: specs for one-line messages (free dims as ``?``)."""
+    return ", ".join(f"{s.name} {s.dtype} [{','.join('?' if d < 0 else str(d) for d in s.shape)}]" for s in specs)
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What a pipeline, parity and bench need of a runtime. NumPy in and out; shapes as in ``COMPONENTS``.
+
+    ``has(name)`` says whether a component can be computed (a bundle without ``unet_plain``, a
+    model without an adapter lacks ``unet``); a method whose component is missing raises a
+    ``SunEdgeError`` naming it. ``decode`` runs the chosen decoder (``decode_full`` or ``decode_tiny``).
+    ``release(name)`` frees what a component holds (sessions, weights); the next call loads it again.
+    """
+
+    name: str
+    info: dict[str, Any]
+    latent_channels: int
+    vae_scale_factor: int
+
+    def has(self, component: str) -> bool: ...
+    def encode_text(self, ids: np.ndarray) -> np.ndarray: ...
+    def unet(self, latents: np.ndarray, t: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray: ...
+    def unet_plain(self, latents: np.ndarray, t: np.ndarray, emb: np.ndarray) -> np.ndarray: ...
+    def decode(self, latents: np.ndarray) -> np.ndarray: ...
+    def decode_full(self, latents: np.ndarray) -> np.ndarray: ...
+    def decode_tiny(self, latents: np.ndarray) -> np.ndarray: ...
+    def encode(self, image: np.ndarray) -> np.ndarray: ...
+    def release(self, component: str) -> None: ...
+
+
+def run_component(runtime: Runtime, name: str, *arrays: np.ndarray) -> np.ndarray:
+    """Compute component ``name`` on ``runtime`` through the method the table names."""
+    return getattr(runtime, component(name).method)(*arrays)
