@@ -6,31 +6,35 @@
 TensorRT and a GPU are importable on the exporting machine, it builds the engines too.
 
 ``build_engines`` runs on the serving machine (engines are specific to the TensorRT version
-and the GPU generation): per component it checks the version rules (``tensorrt_rules``),
-parses the graph (``unet.volta.onnx`` on sm < 75, attention logits in fp32) into a strongly
-typed network, applies the build plan (opt level, memory pool, static profile, timing cache),
-serializes ``<component>.trt<version>.sm<cc>.plan`` and records it in the manifest, which is
-replaced atomically after each engine.
+and the GPU generation): per component it checks the version rules (shared with the runtime:
+``sun_edge.runtimes.tensorrt_rules``), makes its ``BuildPlan`` (opt level, memory pool, static
+profile, timing cache; ``unet.volta.onnx`` on sm < 75, attention logits in fp32), parses the
+graph into a strongly typed network, applies the plan, serializes
+``<component>.trt<version>.sm<cc>.plan`` and records it in the manifest, which is replaced
+atomically after each engine.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sun_edge.bundle import MANIFEST, Manifest, open_bundle
+from sun_edge.bundle import Component, Manifest, open_bundle, write_manifest
 from sun_edge.errors import SunEdgeError
+from sun_edge.files import write_bytes
 from sun_edge.export import ExportOptions, ParityFn, refuse_tiny_decoder
-from sun_edge.export import tensorrt_rules as rules
+from sun_edge.runtimes import tensorrt_rules as rules
+from sun_edge.runtimes.tensorrt_rules import DEFAULT_OPT_LEVEL, cuda_runtime, gpu, import_tensorrt
 
 if TYPE_CHECKING:
     from sun_edge.runtimes.pytorch import TorchRuntime
 
 TARGET = rules.TARGET
+DEFAULT_WORKSPACE_GB = 4.0
+VOLTA_SUFFIX = ".volta.onnx"  # unet.volta.onnx: attention logits in fp32, built on sm < 75
 
 
 def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptions = ExportOptions(precision="fp16"), *,
@@ -51,16 +55,13 @@ def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptio
 def mark_tensorrt(directory: Path) -> Manifest:
     """Turn an ONNX bundle's manifest into a TensorRT one: target, and ``extra["tensorrt"]`` (atomically)."""
     manifest = open_bundle(directory).manifest
-    extra = {**manifest.extra, TARGET: rules.tensorrt_extra(manifest)}
+    extra = {**manifest.extra, TARGET: tensorrt_extra(manifest)}
     return replace_manifest(Path(directory), replace(manifest, target=TARGET, extra=extra))
 
 
 def replace_manifest(directory: Path, manifest: Manifest) -> Manifest:
-    """Write ``manifest.json`` through a temporary file and ``os.replace``: readers never see half a manifest."""
-    target = Path(directory) / MANIFEST
-    tmp = target.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, target)
+    """Write ``manifest.json`` atomically (``bundle.write_manifest``): readers never see half a manifest."""
+    write_manifest(Path(directory), manifest)
     return manifest
 
 
@@ -76,40 +77,67 @@ def tensorrt_available() -> bool:
         return False
 
 
-def cuda_runtime() -> Any:
-    """cuda-python's runtime API module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        try:
-            from cuda import cudart as runtime
-        except ImportError as e:
-            raise SunEdgeError("TensorRT engines need cuda-python: pip install 'sun-edge[tensorrt]'") from e
-    return runtime
+def tensorrt_extra(manifest: Manifest) -> dict[str, Any]:
+    """``manifest.extra["tensorrt"]`` for a fresh export: the profiles, and no engines yet."""
+    return {
+        "profile": {name: {k: {i: list(v) for i, v in p.items()} for k, p in _by_kind(c).items()}
+                    for name, c in manifest.components.items()},
+        "static_shapes": True, "batch": 1, "text_tokens": int(manifest.text["tokens"]),
+        "engines": {},
+    }
 
 
-def gpu(device: int = 0) -> tuple[str, int]:
-    """The GPU's name and compute capability (``("Tesla V100-SXM2-16GB", 70)``)."""
-    cudart = cuda_runtime()
-    err, props = cudart.cudaGetDeviceProperties(device)
-    if int(err) != 0:
-        raise SunEdgeError(f"no usable CUDA GPU {device} (cudaGetDeviceProperties: {err}); check the driver")
-    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
-    return name, rules.sm(props.major, props.minor)
+def _by_kind(component: Component) -> dict[str, dict[str, tuple[int, ...]]]:
+    shapes = rules.profile_shapes(component)
+    return {k: {name: s[k] for name, s in shapes.items()} for k in ("min", "opt", "max")}
 
 
-def import_tensorrt() -> Any:
-    """``import tensorrt`` with the install hint as a one-line error."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise SunEdgeError("TensorRT is not installed: pip install 'sun-edge[tensorrt]' "
-                           "(V100: 'tensorrt>=10.0,<10.5')") from e
-    return trt
+def use_volta_graph(component: Component, compute: int) -> bool:
+    """fp16 UNets built for GPUs without fused attention (sm < 75) use the fp32-logits graph."""
+    return compute < 75 and component.precision == "fp16" and component.file.startswith("unet")
 
 
-def build_engines(bundle_dir: Path | str, *, opt_level: int = rules.DEFAULT_OPT_LEVEL,
-                  timing_cache: Path | str | None = None, workspace_gb: float = rules.DEFAULT_WORKSPACE_GB,
+def volta_file(component: Component) -> str:
+    """``unet.onnx`` -> ``unet.volta.onnx``."""
+    return component.file.removesuffix(".onnx") + VOLTA_SUFFIX
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What ``build-engines`` applies for one component (TensorRT's builder config, as data)."""
+
+    component: str
+    onnx_file: str
+    engine_file: str
+    opt_level: int
+    strongly_typed: bool
+    workspace_bytes: int
+    timing_cache: Path | None
+    profile: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    volta: bool = False
+
+
+def build_plan(manifest: Manifest, component: str, trt_version: str, compute: int, *,
+               opt_level: int = DEFAULT_OPT_LEVEL, workspace_gb: float = DEFAULT_WORKSPACE_GB,
+               timing_cache: Path | str | None = None) -> BuildPlan:
+    """The builder settings for ``component`` with TensorRT ``trt_version`` on an sm``compute`` GPU."""
+    if not 0 <= opt_level <= 5:
+        raise SunEdgeError(f"--opt-level {opt_level} is out of range; TensorRT's builder optimisation levels are 0-5")
+    if workspace_gb <= 0:
+        raise SunEdgeError(f"--workspace-gb {workspace_gb:g} must be positive, e.g. 4")
+    if component not in manifest.components:
+        raise SunEdgeError(f"the bundle has no {component} component; it has: {', '.join(manifest.components)}")
+    rules.check_compatible(trt_version, compute)
+    comp = manifest.components[component]
+    volta = use_volta_graph(comp, compute)
+    return BuildPlan(component, volta_file(comp) if volta else comp.file,
+                     rules.engine_file(component, trt_version, compute), opt_level,
+                     rules.parse_version(trt_version) >= (9,), int(workspace_gb * (1 << 30)),
+                     Path(timing_cache) if timing_cache is not None else None, rules.profile_shapes(comp), volta)
+
+
+def build_engines(bundle_dir: Path | str, *, opt_level: int = DEFAULT_OPT_LEVEL,
+                  timing_cache: Path | str | None = None, workspace_gb: float = DEFAULT_WORKSPACE_GB,
                   components: tuple[str, ...] | None = None, force: bool = False, progress: bool = True) -> Manifest:
     """Build (or reuse) one engine per component of a TensorRT bundle on this machine's GPU; returns the manifest."""
     directory = Path(bundle_dir)
@@ -118,7 +146,7 @@ def build_engines(bundle_dir: Path | str, *, opt_level: int = rules.DEFAULT_OPT_
         raise SunEdgeError(f"{directory} is a {manifest.target} bundle; build-engines needs one exported with --target tensorrt")
     trt = import_tensorrt()
     name, compute = gpu()
-    plans = [rules.build_plan(manifest, c, trt.__version__, compute, opt_level=opt_level, workspace_gb=workspace_gb,
+    plans = [build_plan(manifest, c, trt.__version__, compute, opt_level=opt_level, workspace_gb=workspace_gb,
                               timing_cache=timing_cache)  # every rule checked before any build starts
              for c in (components or tuple(manifest.components))]
     from sun_edge.weights import sha256_file
@@ -141,14 +169,14 @@ def build_engines(bundle_dir: Path | str, *, opt_level: int = rules.DEFAULT_OPT_
                  "size": engine.stat().st_size, "sha256": sha256_file(engine), "build_seconds": round(seconds, 1),
                  "opt_level": plan.opt_level, "source": plan.onnx_file}
         extra = dict(manifest.extra)
-        section = dict(extra.get(TARGET) or rules.tensorrt_extra(manifest))
+        section = dict(extra.get(TARGET) or tensorrt_extra(manifest))
         section["engines"] = {**section.get("engines", {}), plan.component: entry}
         extra[TARGET] = section
         manifest = replace_manifest(directory, replace(manifest, extra=extra))  # after each engine: progress survives
     return manifest
 
 
-def _build_one(trt: Any, directory: Path, plan: rules.BuildPlan) -> None:
+def _build_one(trt: Any, directory: Path, plan: BuildPlan) -> None:
     """Parse, configure and build one engine with TensorRT's Python API; write it to ``plan.engine_file``."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -173,8 +201,6 @@ def _build_one(trt: Any, directory: Path, plan: rules.BuildPlan) -> None:
     if serialized is None:
         raise SunEdgeError(f"TensorRT failed to build {plan.engine_file}; rerun with a larger --workspace-gb "
                            "or a lower --opt-level")
-    tmp = directory / f".{plan.engine_file}.tmp"
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, directory / plan.engine_file)
+    write_bytes(directory / plan.engine_file, bytes(serialized))  # atomic: a killed build leaves no half engine
     if cache_path is not None:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))

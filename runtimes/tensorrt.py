@@ -13,12 +13,12 @@ first use; each gets its execution context and one device buffer per I/O tensor,
 bound (``set_tensor_address``) once. A call copies inputs host->device on the runtime's stream,
 runs ``execute_async_v3``, copies the output back and synchronizes. The SUN UNet's shapes are
 static, so with ``cuda_graphs`` its step is captured once as a CUDA graph after one warm-up
-call and replayed on every later step. CUDA comes from cuda-python (imported here, not PyCUDA).
+call and replayed on every later step. CUDA comes from cuda-python (``tensorrt_rules.cuda_runtime``),
+not PyCUDA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,8 @@ import numpy as np
 
 from sun_edge.bundle import Bundle, open_bundle
 from sun_edge.errors import SunEdgeError
-from sun_edge.export import tensorrt_rules as rules
 from sun_edge.runtimes import check_input
+from sun_edge.runtimes import tensorrt_rules as rules
 from sun_edge.runtimes.base import GraphRuntime
 
 TARGETS = (rules.TARGET,)  # the bundle targets this runtime runs
@@ -59,16 +59,14 @@ class TensorRTRuntime(GraphRuntime):
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, *, cuda_graphs: bool = True, device: int = 0) -> None:
-        from sun_edge.export.tensorrt import cuda_runtime, gpu, import_tensorrt
-
         manifest = bundle.manifest
         if manifest.target not in TARGETS:
             raise SunEdgeError(f"bundle {bundle.path} is a {manifest.target} bundle; the tensorrt runtime runs "
                                f"{', '.join(TARGETS)} bundles")
         self.bundle, self.cuda_graphs, self.device = bundle, cuda_graphs, device
-        self._trt, self._cudart = import_tensorrt(), cuda_runtime()
+        self._trt, self._cudart = rules.import_tensorrt(), rules.cuda_runtime()
         _cuda(self._cudart.cudaSetDevice(device), "cudaSetDevice")
-        self.gpu, self.compute = gpu(device)
+        self.gpu, self.compute = rules.gpu(device)
         rules.check_compatible(self._trt.__version__, self.compute)
         self._records = rules.engine_records(manifest)
         for component in manifest.components:
@@ -174,11 +172,3 @@ class TensorRTRuntime(GraphRuntime):
             cudart.cudaStreamDestroy(self._stream)
             self._stream = None
 
-
-def open_runtime(path: Path | str, *, cuda_graphs: bool = True, device: int = 0,
-                 components: Sequence[str] | None = None) -> TensorRTRuntime:
-    """``TensorRTRuntime.open``; ``components`` are deserialized at once (e.g. before timing)."""
-    runtime = TensorRTRuntime.open(path, cuda_graphs=cuda_graphs, device=device)
-    for component in components or ():
-        runtime.engine(component)
-    return runtime

@@ -14,7 +14,7 @@ from onnx import TensorProto
 from sun_edge.bundle import open_bundle
 from sun_edge.export import tensorrt as trt_target
 from sun_edge.export import tensorrt_graph as graphs
-from sun_edge.export import tensorrt_rules as rules
+from sun_edge.runtimes import tensorrt_rules as rules
 
 
 def psnr(ref: np.ndarray, out: np.ndarray) -> float:
@@ -132,6 +132,6 @@ def test_tensorrt_target_is_registered_and_fp16_by_default():
 
     from sun_edge.export import TARGETS
 
-    assert TARGETS["tensorrt"] == "sun_edge.export.tensorrt"
+    assert TARGETS["tensorrt"].module == "sun_edge.export.tensorrt"
     default = inspect.signature(trt_target.export_bundle).parameters["options"].default
     assert default.precision == "fp16" and rules.TARGET == "tensorrt"

@@ -8,7 +8,8 @@ import pytest
 
 from sun_edge.bundle import Component, Manifest, TensorSpec
 from sun_edge.errors import SunEdgeError
-from sun_edge.export import tensorrt_rules as rules
+from sun_edge.export import tensorrt as trt_target
+from sun_edge.runtimes import tensorrt_rules as rules
 
 EMB = (1, 77, 768)
 
@@ -75,31 +76,31 @@ def test_profiles_are_static_with_batch_one():
     assert all(p["min"] == p["opt"] == p["max"] and p["min"][0] == 1 for p in unet.values())
     plain = rules.profile_shapes(m.components["unet_plain"])["sample"]
     assert plain == {"min": (1, 4, 64, 64), "opt": (2, 4, 64, 64), "max": (2, 4, 64, 64)}
-    extra = rules.tensorrt_extra(m)
+    extra = trt_target.tensorrt_extra(m)
     assert extra["engines"] == {} and extra["batch"] == 1 and extra["text_tokens"] == 77 and extra["static_shapes"]
     assert extra["profile"]["unet"]["opt"]["sample"] == [1, 4, 64, 64]
 
 
 def test_build_plan():
     m = manifest()
-    plan = rules.build_plan(m, "unet", "10.8.0", 86, opt_level=5, workspace_gb=2, timing_cache="cache.bin")
+    plan = trt_target.build_plan(m, "unet", "10.8.0", 86, opt_level=5, workspace_gb=2, timing_cache="cache.bin")
     assert (plan.onnx_file, plan.engine_file, plan.opt_level, plan.strongly_typed, plan.volta) == \
         ("unet.onnx", "unet.trt10.8.0.sm86.plan", 5, True, False)
     assert plan.workspace_bytes == 2 << 30 and plan.timing_cache == Path("cache.bin")
     assert plan.profile["sample"]["max"] == (1, 4, 64, 64)
-    volta = rules.build_plan(m, "unet", "10.4.0", 70)
+    volta = trt_target.build_plan(m, "unet", "10.4.0", 70)
     assert volta.volta and volta.onnx_file == "unet.volta.onnx" and volta.opt_level == rules.DEFAULT_OPT_LEVEL
-    assert rules.build_plan(m, "unet_plain", "10.4.0", 70).onnx_file == "unet_plain.volta.onnx"
-    assert not rules.build_plan(m, "vae_decoder", "10.4.0", 70).volta  # fp32 graph: nothing to widen
-    assert not rules.build_plan(manifest("fp32"), "unet", "10.4.0", 70).volta
-    assert rules.build_plan(m, "unet", "10.4.0", 75).onnx_file == "unet.onnx"
+    assert trt_target.build_plan(m, "unet_plain", "10.4.0", 70).onnx_file == "unet_plain.volta.onnx"
+    assert not trt_target.build_plan(m, "vae_decoder", "10.4.0", 70).volta  # fp32 graph: nothing to widen
+    assert not trt_target.build_plan(manifest("fp32"), "unet", "10.4.0", 70).volta
+    assert trt_target.build_plan(m, "unet", "10.4.0", 75).onnx_file == "unet.onnx"
     for kwargs, message in (({"opt_level": 6}, "out of range"), ({"workspace_gb": 0}, "must be positive")):
         with pytest.raises(SunEdgeError, match=message):
-            rules.build_plan(m, "unet", "10.8.0", 86, **kwargs)
+            trt_target.build_plan(m, "unet", "10.8.0", 86, **kwargs)
     with pytest.raises(SunEdgeError, match="has no vae_encoder component"):
-        rules.build_plan(m, "vae_encoder", "10.8.0", 86)
+        trt_target.build_plan(m, "vae_encoder", "10.8.0", 86)
     with pytest.raises(SunEdgeError, match="Volta"):
-        rules.build_plan(m, "unet", "10.5.0", 70)
+        trt_target.build_plan(m, "unet", "10.5.0", 70)
 
 
 def test_rebuild_decision(tmp_path):

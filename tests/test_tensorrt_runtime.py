@@ -99,7 +99,7 @@ def test_runtime_binds_once_and_replays_the_unet_graph(trt_bundle, monkeypatch, 
     from sun_edge.runtimes import RUNTIMES
     from sun_edge.runtimes.tensorrt import TensorRTRuntime
 
-    assert RUNTIMES["tensorrt"] == "sun_edge.runtimes.tensorrt"
+    assert RUNTIMES["tensorrt"].module == "sun_edge.runtimes.tensorrt"
     trt, cudart = trt_fakes.install(monkeypatch)
     trt_target.build_engines(trt_bundle, progress=False)
     runtime = TensorRTRuntime.open(trt_bundle, cuda_graphs=cuda_graphs)
@@ -177,4 +177,4 @@ def test_cli_build_engines_and_its_errors(trt_bundle, onnx_fp16_bundle, monkeypa
 def test_the_tensorrt_modules_import_without_torch():
     from no_torch import run_without_torch
 
-    run_without_torch("import sun_edge.runtimes.tensorrt, sun_edge.export.tensorrt, sun_edge.export.tensorrt_rules")
+    run_without_torch("import sun_edge.runtimes.tensorrt, sun_edge.runtimes.tensorrt_rules, sun_edge.export.tensorrt")

@@ -14,7 +14,7 @@ from train_helpers import state_sha256, write_folder
 from sun_edge.errors import SunEdgeError
 from sun_edge.train import TrainConfig, train
 from sun_edge.train.logs import CSV_FILE, read_csv_log
-from sun_edge.train.loop import check_frozen
+from sun_edge.train.step import check_frozen
 
 FAST = {"resolution": 64, "teacher_substeps": 1, "progress": False}
 

@@ -2,9 +2,10 @@
 
 ``train(TrainConfig(model=..., data=..., output=...))`` trains an adapter for a base model and
 saves it; ``accelerate launch -m sun_edge.train ...`` runs the same on many GPUs or machines.
-Modules: ``losses`` (eqs. 2, 8-13), ``data`` (inputs, crops, sampler), ``negatives`` (the
-phrase pool), ``checkpoints``, ``logs``, ``loop`` and ``session`` (the Accelerate loop),
-``args`` (the command line). Importing this package loads no PyTorch until a name needs it.
+Modules: ``config`` (``TrainConfig``), ``args`` (the command line), ``losses`` (eqs. 2, 8-13),
+``data`` (inputs, crops, sampler), ``negatives`` (the phrase pool), ``checkpoints``, ``logs``;
+``session`` (one run's setup and state), ``step`` (one micro-step's loss), ``loop`` (``train``
+and the Accelerate loop). Importing this package loads no PyTorch until a name needs it.
 """
 
 from __future__ import annotations

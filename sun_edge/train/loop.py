@@ -1,43 +1,38 @@
-"""The SUN training loop (Algorithm 1) under Hugging Face Accelerate.
+"""The SUN training loop (Algorithm 1) under Hugging Face Accelerate: ``train(config)``.
 
 ``train(config)`` runs on one CPU or GPU as it is, and on several GPUs or machines under
 ``accelerate launch -m sun_edge.train ...`` with no change: the student (``SUNUNet``, whose
 only trainable parameters are the adapter's) is wrapped by ``accelerator.prepare``, so
 gradients are averaged across processes; each process reads its own shard of the data.
 
-One optimizer step, per process, ``gradient_accumulation_steps`` times:
+The pieces: ``session.Session`` sets a run up (models, optimizer, data position, resume) and
+writes checkpoints; ``step.micro_step`` is one micro-step's loss (eq. 14); this module is the
+loop: :func:`optimizer_step` (``gradient_accumulation_steps`` micro-steps, backward, clip,
+AdamW step, figures reduced over processes) and :func:`run` (steps to ``max_steps`` or
+``max_seconds``, logging, checkpoints, the saved adapter).
 
-1. a batch of (image, caption, negative prompt); captions and negatives through the frozen
-   text encoder (one batch), images through the frozen VAE encoder: ``x0`` is a *sample*
-   of the posterior times ``scaling_factor``, the latent distribution SD1.5 itself was
-   trained on;
-2. per example a grid point ``t`` (uniform over the student's 4 timesteps), noise, and the
-   MSC coin (eq. 13); drawn from a generator seeded with (seed, micro-step, process), so a
-   resumed run draws exactly what an uninterrupted one would;
-3. teacher targets (:func:`sun_edge.train.losses.distillation_targets`), one student forward,
-   ``L = mean(L_cfg) + lambda * mean(L_msc)`` (eq. 14), backward.
-
-Only the adapter trains: the UNet, text encoder and VAE are frozen and :func:`check_frozen`
-asserts it, and that the optimizer (AdamW, constant learning rate) holds exactly the
-adapter's parameters. Under ``fp16``/``bf16`` mixed precision the frozen UNet and text
-encoder are cast to that type (the adapter stays float32) and run under autocast; the VAE
-stays float32.
+Only the adapter trains: the UNet, text encoder and VAE are frozen and
+:func:`sun_edge.train.step.check_frozen` asserts it, and that the optimizer (AdamW, constant
+learning rate) holds exactly the adapter's parameters. Under ``fp16``/``bf16`` mixed precision
+the frozen UNet and text encoder are cast to that type (the adapter stays float32) and run
+under autocast; the VAE stays float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from sun_edge.errors import SunEdgeError
 from sun_edge.train.config import TrainConfig
-from sun_edge.train.losses import StudentGrid, cfg_distillation_loss, distillation_targets, step_loss
+from sun_edge.train.session import Session
+from sun_edge.train.step import micro_generator, micro_step
 
 if TYPE_CHECKING:
     from sun_edge.models import LoadedModel
@@ -71,88 +66,6 @@ class TrainResult:
     main_process: bool = True  # False in the other processes of a distributed run
 
 
-def check_frozen(frozen: Mapping[str, nn.Module], adapter: nn.Module, optimizer: Any) -> None:
-    """Raise unless every frozen module's parameter has requires_grad False, every adapter
-    parameter True, and the optimizer holds exactly the adapter's parameters."""
-    for name, module in frozen.items():
-        training = [n for n, p in module.named_parameters() if p.requires_grad and not _is_adapter(p, adapter)]
-        if training:
-            raise SunEdgeError(f"{name} must be frozen, but {len(training)} of its parameters require grad "
-                               f"(first: {training[0]})")
-    if not all(p.requires_grad for p in adapter.parameters()):
-        raise SunEdgeError("every adapter parameter must require grad")
-    held = [p for group in optimizer.param_groups for p in group["params"]]
-    if len(held) != len({id(p) for p in held}) or {id(p) for p in held} != {id(p) for p in adapter.parameters()}:
-        raise SunEdgeError("the optimizer must hold exactly the adapter's parameters")
-
-
-def _is_adapter(param: torch.Tensor, adapter: nn.Module) -> bool:
-    return any(param is p for p in adapter.parameters())
-
-
-def micro_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    """The CPU generator of one micro-step on one process: a pure function of its arguments."""
-    state = np.random.SeedSequence([seed, micro_step, rank]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-@dataclass(frozen=True, eq=False)
-class Draw:
-    """The random choices of one micro-step (drawn on the CPU in this order)."""
-
-    t_index: torch.Tensor  # [B] int64 grid index, uniform
-    posterior: torch.Tensor  # [B,4,h,w] standard normal: the VAE posterior sample
-    noise: torch.Tensor  # [B,4,h,w] standard normal: eps of x_t
-    replace: torch.Tensor  # [B] bool, i = 0 in eq. 12 with probability p
-
-    @classmethod
-    def sample(cls, gen: torch.Generator, shape: tuple[int, ...], grid_points: int, p: float) -> Draw:
-        batch = shape[0]
-        return cls(torch.randint(0, grid_points, (batch,), generator=gen), torch.randn(shape, generator=gen),
-                   torch.randn(shape, generator=gen), torch.rand(batch, generator=gen) < p)
-
-
-@dataclass(eq=False)
-class Models:
-    """The modules one micro-step uses."""
-
-    student: nn.Module  # prepared SUNUNet (DDP-wrapped under several processes)
-    sun_unet: nn.Module  # the same SUNUNet, unwrapped: the teacher (.plain) and the no-grad student
-    text_encoder: nn.Module
-    vae: nn.Module
-    grid: StudentGrid
-
-
-def micro_step(models: Models, batch: Mapping[str, Any], draw_gen: torch.Generator, config: TrainConfig,
-               accelerator: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (eq. 14, a scalar with grad) and [loss, L_cfg, L_msc, replaced fraction] (detached)."""
-    device = accelerator.device
-    ids = torch.cat([batch["ids"], batch["neg_ids"]]).to(device)  # [2B, 77]
-    pixels = batch["pixels"].to(device)  # [B, 3, R, R]
-    vae = models.vae
-    with torch.no_grad():
-        with accelerator.autocast():
-            c_pos, c_neg = models.text_encoder(ids, return_dict=False)[0].float().chunk(2)  # [B,77,D] each
-        posterior = vae.encode(pixels).latent_dist
-        shape = tuple(posterior.mean.shape)  # [B, 4, R/8, R/8]
-        draw = Draw.sample(draw_gen, shape, len(models.grid.timesteps), config.msc_probability)
-        x0 = (posterior.mean + posterior.std * draw.posterior.to(device)) * vae.config.scaling_factor
-
-    def teacher(x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return models.sun_unet.plain(x, t, emb)
-
-    with accelerator.autocast():
-        targets = distillation_targets(teacher, models.sun_unet, x0.float(), draw.noise.to(device),
-                                       draw.t_index.to(device), draw.replace.to(device), c_pos, c_neg,
-                                       models.grid, config.teacher_substeps, config.guidance)
-        eps = models.student(targets.x_in, targets.t.float(), c_pos, c_neg).float()  # [B,4,h,w], with grad
-    l_cfg = cfg_distillation_loss(targets.eps_cfg, eps).mean()
-    l_msc = step_loss(targets.eps_step, eps).mean()
-    loss = l_cfg + config.msc_weight * l_msc
-    stats = torch.stack([loss.detach(), l_cfg.detach(), l_msc.detach(), targets.replaced.float().mean()])
-    return loss, stats
-
-
 def train(config: TrainConfig, model: LoadedModel | None = None) -> TrainResult:
     """Train a SUN adapter as ``config`` says and save it to ``config.output``.
 
@@ -164,7 +77,6 @@ def train(config: TrainConfig, model: LoadedModel | None = None) -> TrainResult:
 
     from sun_edge.train.data import TrainDataset, open_records
     from sun_edge.train.negatives import load_pool
-    from sun_edge.train.session import Session
 
     out_dir = Path(config.output).expanduser().resolve().parent
     if not out_dir.is_dir():
@@ -179,10 +91,85 @@ def train(config: TrainConfig, model: LoadedModel | None = None) -> TrainResult:
     except (ValueError, RuntimeError) as e:
         raise SunEdgeError(f"cannot set up mixed precision {config.mixed_precision!r}: {str(e).splitlines()[0]}") from e
     try:
-        return Session(config, accelerator, dataset, model).run()
+        return run(Session(config, accelerator, dataset, model))
     finally:
         if accelerator.num_processes == 1:  # let a later train() in this process pick another precision
             from accelerate.state import AcceleratorState, GradientState
 
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
+
+
+def run(session: Session) -> TrainResult:
+    """Train from the session's step to ``max_steps`` (or ``max_seconds``); log, checkpoint, save the adapter."""
+    from tqdm import tqdm
+
+    from sun_edge.train.logs import open_logger
+
+    cfg, acc = session.config, session.accelerator
+    batches = session.batches()
+    log = open_logger(cfg.log, session.ckpt_dir, resume_step=session.start_step, enabled=session.main)
+    bar = tqdm(total=cfg.max_steps, initial=session.step, unit="step", desc="training",
+               disable=not (session.main and cfg.progress))
+    history: list[StepLog] = []
+    began = time.perf_counter()
+    stop = False
+    try:
+        while session.step < cfg.max_steps and not stop:
+            entry, stop = optimizer_step(session, batches, began)
+            history.append(entry)
+            last = session.step == cfg.max_steps or stop
+            if session.step % cfg.log_every == 0 or last:
+                log.log(session.step, {"epoch": session.epoch(), "loss": entry.loss, "loss_cfg": entry.loss_cfg,
+                                       "loss_msc": entry.loss_msc, "msc_fraction": entry.msc_fraction,
+                                       "learning_rate": cfg.learning_rate,
+                                       "examples_per_second": entry.examples / entry.seconds,
+                                       "seconds": entry.seconds})
+            bar.update(1)
+            bar.set_postfix(loss=f"{entry.loss:.4f}")
+            if session.step % cfg.checkpoint_every == 0 or last:
+                session.save_checkpoint()
+    finally:
+        bar.close()
+        log.close()
+    if not history:
+        session.gather_skipped()
+    session.save_adapter()
+    acc.wait_for_everyone()
+    seconds = sum(h.seconds for h in history)
+    return TrainResult(Path(cfg.output), session.ckpt_dir, session.start_step, session.step, tuple(history),
+                       dict(session.skipped), session.skipped_count,
+                       sum(h.examples for h in history) / seconds if seconds else 0.0, session.main)
+
+
+def optimizer_step(session: Session, batches: Iterator[dict[str, Any]], began: float) -> tuple[StepLog, bool]:
+    """One optimizer step of ``gradient_accumulation_steps`` micro-steps; its figures, and whether to stop.
+
+    Every process stops at the same step: the out-of-time flag (``max_seconds`` since ``began``)
+    is reduced with the losses.
+    """
+    cfg, acc, models = session.config, session.accelerator, session.models
+    rank, accum = acc.process_index, cfg.gradient_accumulation_steps
+    started = time.perf_counter()
+    sums = torch.zeros(5, device=acc.device)  # loss, cfg, msc, msc fraction; [4]: out of time
+    examples = torch.zeros(1, device=acc.device)
+    for m in range(accum):
+        batch = session.next_batch(batches)
+        gen = micro_generator(cfg.seed, session.step * accum + m, rank)
+        syncing = m == accum - 1  # gradients are averaged across processes on the last micro-step only
+        with nullcontext() if syncing else acc.no_sync(models.student):
+            loss, stats = micro_step(models, batch, gen, cfg, acc)
+            acc.backward(loss / accum)
+        sums[:4] += stats
+        examples += len(batch["keys"])
+    if cfg.max_grad_norm is not None:
+        acc.clip_grad_norm_(session.adapter.parameters(), cfg.max_grad_norm)
+    session.optimizer.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    session.step += 1
+    if cfg.max_seconds is not None and time.perf_counter() - began > cfg.max_seconds:
+        sums[4] = accum
+    means = acc.reduce(sums / accum, "mean").tolist()
+    total = int(acc.reduce(examples, "sum").item())
+    seconds = time.perf_counter() - started
+    return StepLog(session.step, means[0], means[1], means[2], means[3], total, seconds), means[4] > 0

@@ -1,14 +1,31 @@
-"""One training run's state: models, optimizer, data position, checkpoints, logs (see ``loop``)."""
+"""One training run's state: models, optimizer, data position, checkpoints (the loop is in ``loop``).
+
+``Session(config, accelerator, dataset, model)`` sets a run up in named steps, in this order
+(the order matters: it fixes what the seeded generators draw, so a resumed run equals a
+straight one):
+
+1. :meth:`Session.find_checkpoint`: the newest complete checkpoint, if any (half-written ones removed);
+2. :meth:`Session.load_models`: the base model, frozen;
+3. :meth:`Session.check_resumable`: the checkpoint belongs to this run (same settings, model, processes);
+4. :meth:`Session.build_adapter`: from the checkpoint, ``init_adapter``, or fresh (seeded);
+5. :meth:`Session.place_models`: the frozen weights cast under mixed precision, all moved to the device;
+6. :meth:`Session.build_optimizer`: AdamW over exactly the adapter's parameters (:func:`check_frozen`);
+7. :meth:`Session.restore_progress`: the optimizer state, step, data positions and skipped images;
+8. ``accelerator.prepare``, then :meth:`Session.restore_scaler_and_rng`.
+
+During the run the loop calls :meth:`Session.batches`, :meth:`Session.next_batch`,
+:meth:`Session.save_checkpoint` and, at the end, :meth:`Session.save_adapter`.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import nullcontext
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from sun_edge.errors import SunEdgeError
 from sun_edge.train.checkpoints import (
@@ -22,84 +39,67 @@ from sun_edge.train.checkpoints import (
 )
 from sun_edge.train.config import RESUME_IDENTITY, TrainConfig
 from sun_edge.train.data import TrainDataset, make_loader
-from sun_edge.train.logs import open_logger
-from sun_edge.train.loop import Models, StepLog, TrainResult, check_frozen, micro_generator, micro_step
 from sun_edge.train.losses import StudentGrid
+from sun_edge.train.step import Models, check_frozen
+
+if TYPE_CHECKING:
+    from sun_edge.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 
 class Session:
-    """Set up from a config, then :meth:`run` to the last step. Used through ``train()``."""
+    """A run set up from a config (see the module docstring for the steps); driven by ``loop.run``."""
 
-    def __init__(self, config: TrainConfig, accelerator: Any, dataset: TrainDataset, model: Any | None) -> None:
-        from sun_edge.adapter import SUNAdapter, load_adapter
-        from sun_edge.models import load_model
+    def __init__(self, config: TrainConfig, accelerator: Any, dataset: TrainDataset,
+                 model: LoadedModel | None = None) -> None:
         from sun_edge.unet import SUNUNet
 
         self.config, self.accelerator, self.dataset = config, accelerator, dataset
         self.main = accelerator.is_main_process
         self.ckpt_dir = config.checkpoints.expanduser()
-        if self.main:
-            remove_partial(self.ckpt_dir)
-        accelerator.wait_for_everyone()
-        latest = latest_checkpoint(self.ckpt_dir)
-        if latest is None and config.resume == "require":
-            raise SunEdgeError(f"--resume: no checkpoint in {self.ckpt_dir}")
-        checkpoint = load_checkpoint(latest) if latest is not None else None
-
-        loaded = model if model is not None else load_model(config.model, allow_pickle=config.allow_pickle)
-        self.model_sha256 = loaded.sha256
+        checkpoint = self.find_checkpoint()
+        loaded = self.load_models(model)
         if checkpoint is not None:
-            self._check_resumable(checkpoint)
-        unet, text_encoder, vae = loaded.unet, loaded.text_encoder, loaded.vae
-        for module in (unet, text_encoder, vae):
-            module.eval().requires_grad_(False)
-        torch.manual_seed(config.seed)
-        if checkpoint is not None:
-            adapter = load_checkpoint_adapter(checkpoint.path, unet.config)
-        elif config.init_adapter is not None:
-            adapter = load_adapter(config.init_adapter, unet.config)
-        else:
-            adapter = SUNAdapter.from_unet(unet, extra_positive=config.extra_positive)
-        adapter.float().train().requires_grad_(True)
-        sun_unet = SUNUNet(unet, adapter)
-
-        device = accelerator.device
-        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
-        if half is not None:  # frozen weights in half precision (memory); trainable ones stay float32
-            unet.to(half)
-            text_encoder.to(half)
-        sun_unet.to(device)
-        adapter.float()
-        text_encoder.to(device)
-        vae.to(device)
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                      betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
-        check_frozen({"unet": unet, "text_encoder": text_encoder, "vae": vae}, adapter, optimizer)
-
-        self.step, self.positions = 0, [0] * accelerator.num_processes
-        self.skipped: dict[str, str] = {}
-        self.skipped_count = 0
-        if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint.optimizer)
-            self.step = checkpoint.step
-            self.positions = list(checkpoint.state["positions"])
-            if self.main:
-                self.skipped = dict(checkpoint.state.get("skipped", {}))
-                self.skipped_count = int(checkpoint.state.get("skipped_count", 0))
+            self.check_resumable(checkpoint)
+        self.adapter = self.build_adapter(loaded.unet, checkpoint)
+        sun_unet = SUNUNet(loaded.unet, self.adapter)
+        self.place_models(sun_unet, loaded)
+        optimizer = self.build_optimizer(loaded)
+        self.restore_progress(checkpoint, optimizer)
         self.start_step = self.step
         student, self.optimizer = accelerator.prepare(sun_unet, optimizer)
-        if checkpoint is not None:
-            if checkpoint.scaler is not None and accelerator.scaler is not None:
-                accelerator.scaler.load_state_dict(checkpoint.scaler)
-            restore_rng(checkpoint.rng)
-        self.adapter = adapter
-        self.models = Models(student, sun_unet, text_encoder, vae, StudentGrid.trailing(config.student_steps))
+        self.restore_scaler_and_rng(checkpoint)
+        self.models = Models(student, sun_unet, loaded.text_encoder, loaded.vae,
+                             StudentGrid.trailing(config.student_steps))
         if self.main and checkpoint is not None:
             logger.info("resuming from %s", checkpoint.path)
 
-    def _check_resumable(self, checkpoint: Checkpoint) -> None:
+    # -- setup, in the order __init__ runs it --------------------------------------------------
+
+    def find_checkpoint(self) -> Checkpoint | None:
+        """The newest complete checkpoint (half-written ones are removed first); ``resume="require"`` needs one."""
+        if self.main:
+            remove_partial(self.ckpt_dir)
+        self.accelerator.wait_for_everyone()
+        latest = latest_checkpoint(self.ckpt_dir)
+        if latest is None and self.config.resume == "require":
+            raise SunEdgeError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        return load_checkpoint(latest) if latest is not None else None
+
+    def load_models(self, model: LoadedModel | None) -> LoadedModel:
+        """``model``, or ``config.model`` loaded; its UNet, text encoder and VAE frozen in eval mode."""
+        from sun_edge.models import load_model
+
+        cfg = self.config
+        loaded = model if model is not None else load_model(cfg.model, allow_pickle=cfg.allow_pickle)
+        self.model_sha256 = loaded.sha256
+        for module in (loaded.unet, loaded.text_encoder, loaded.vae):
+            module.eval().requires_grad_(False)
+        return loaded
+
+    def check_resumable(self, checkpoint: Checkpoint) -> None:
+        """Raise unless ``checkpoint`` was written by this run's settings, base model and process count."""
         saved, now = checkpoint.state.get("config", {}), self.config.to_json()
         differ = [f"{k}={saved.get(k)!r} there, {now[k]!r} here" for k in RESUME_IDENTITY if saved.get(k) != now[k]]
         sha = checkpoint.state.get("model_sha256")
@@ -112,8 +112,76 @@ class Session:
             raise SunEdgeError(f"cannot resume from {checkpoint.path}: {'; '.join(differ)}; use the same settings, "
                                "or another --checkpoint-dir to start afresh")
 
-    def _next_batch(self, batches: Any, rank: int) -> dict[str, Any]:
+    def build_adapter(self, unet: nn.Module, checkpoint: Checkpoint | None) -> nn.Module:
+        """The trainable adapter (float32): the checkpoint's, ``init_adapter``, or a fresh one seeded by ``seed``."""
+        from sun_edge.adapter import SUNAdapter, load_adapter
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        if checkpoint is not None:
+            adapter = load_checkpoint_adapter(checkpoint.path, unet.config)
+        elif cfg.init_adapter is not None:
+            adapter = load_adapter(cfg.init_adapter, unet.config)
+        else:
+            adapter = SUNAdapter.from_unet(unet, extra_positive=cfg.extra_positive)
+        return adapter.float().train().requires_grad_(True)
+
+    def place_models(self, sun_unet: nn.Module, loaded: LoadedModel) -> None:
+        """Frozen UNet and text encoder in half precision under fp16/bf16 (memory); everything to the device."""
+        device = self.accelerator.device
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.mixed_precision)
+        if half is not None:  # trainable weights stay float32
+            loaded.unet.to(half)
+            loaded.text_encoder.to(half)
+        sun_unet.to(device)
+        self.adapter.float()
+        loaded.text_encoder.to(device)
+        loaded.vae.to(device)
+
+    def build_optimizer(self, loaded: LoadedModel) -> torch.optim.Optimizer:
+        """AdamW (constant learning rate) over the adapter's parameters; checks nothing else trains."""
+        cfg = self.config
+        optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        check_frozen({"unet": loaded.unet, "text_encoder": loaded.text_encoder, "vae": loaded.vae}, self.adapter,
+                     optimizer)
+        return optimizer
+
+    def restore_progress(self, checkpoint: Checkpoint | None, optimizer: torch.optim.Optimizer) -> None:
+        """Step, data positions and skipped images: zero, or the checkpoint's (with the optimizer state)."""
+        self.step, self.positions = 0, [0] * self.accelerator.num_processes
+        self.skipped: dict[str, str] = {}
+        self.skipped_count = 0
+        if checkpoint is None:
+            return
+        optimizer.load_state_dict(checkpoint.optimizer)
+        self.step = checkpoint.step
+        self.positions = list(checkpoint.state["positions"])
+        if self.main:
+            self.skipped = dict(checkpoint.state.get("skipped", {}))
+            self.skipped_count = int(checkpoint.state.get("skipped_count", 0))
+
+    def restore_scaler_and_rng(self, checkpoint: Checkpoint | None) -> None:
+        """After ``accelerator.prepare``: the fp16 loss scaler's state and every generator's state."""
+        if checkpoint is None:
+            return
+        scaler = self.accelerator.scaler
+        if checkpoint.scaler is not None and scaler is not None:
+            scaler.load_state_dict(checkpoint.scaler)
+        restore_rng(checkpoint.rng)
+
+    # -- used by the loop ------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """This process's batches, from its saved data position on."""
+        cfg, acc = self.config, self.accelerator
+        rank = acc.process_index
+        return iter(make_loader(self.dataset, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
+                                world=acc.num_processes, start=self.positions[rank], num_workers=cfg.num_workers))
+
+    def next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         """The next batch with at least one readable image; unreadable ones are counted and logged."""
+        rank = self.accelerator.process_index
         misses = 0
         while True:
             batch = next(batches)
@@ -129,7 +197,14 @@ class Session:
             if misses > len(self.dataset):
                 raise SunEdgeError(f"no readable image in {misses} draws: the training images cannot be opened")
 
-    def _gather_skipped(self) -> None:
+    def epoch(self) -> float:
+        """How far this process is through the data, in epochs of its own shard."""
+        acc = self.accelerator
+        shard = len(range(acc.process_index, len(self.dataset), acc.num_processes))
+        return self.positions[acc.process_index] / shard
+
+    def gather_skipped(self) -> None:
+        """Merge every process's skipped images and counts (a collective: all processes call it)."""
         from accelerate.utils import gather_object
 
         merged: dict[str, str] = {}
@@ -138,12 +213,13 @@ class Session:
         counts = self.accelerator.gather(torch.tensor([self.skipped_count], device=self.accelerator.device))
         self.skipped, self.skipped_count = merged, int(counts.sum())
 
-    def _save(self) -> None:
+    def save_checkpoint(self) -> None:
+        """Write a checkpoint of the current step (a collective; the main process writes)."""
         acc = self.accelerator
         rank = acc.process_index
         mine = torch.tensor([self.positions[rank]], device=acc.device)
         positions = [int(v) for v in acc.gather(mine).tolist()]
-        self._gather_skipped()
+        self.gather_skipped()
         if self.main:
             state = {"positions": positions, "skipped": self.skipped, "skipped_count": self.skipped_count,
                      "config": self.config.to_json(), "model_sha256": self.model_sha256,
@@ -155,77 +231,15 @@ class Session:
             self.skipped, self.skipped_count = {}, 0
         acc.wait_for_everyone()
 
-    def run(self) -> TrainResult:
-        """Train from the current step to ``max_steps`` (or ``max_seconds``); checkpoint, log, save the adapter."""
-        from tqdm import tqdm
-
+    def save_adapter(self) -> None:
+        """The main process saves the adapter to ``config.output`` (in ``save_precision``) and warns of skips."""
         from sun_edge.adapter import save_adapter
 
-        cfg, acc = self.config, self.accelerator
-        rank, accum = acc.process_index, cfg.gradient_accumulation_steps
-        loader = make_loader(self.dataset, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
-                             world=acc.num_processes, start=self.positions[rank], num_workers=cfg.num_workers)
-        batches = iter(loader)
-        log = open_logger(cfg.log, self.ckpt_dir, resume_step=self.start_step, enabled=self.main)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", desc="training",
-                   disable=not (self.main and cfg.progress))
-        history: list[StepLog] = []
-        began = time.perf_counter()
-        stop = False
-        try:
-            while self.step < cfg.max_steps and not stop:
-                started = time.perf_counter()
-                sums = torch.zeros(5, device=acc.device)  # loss, cfg, msc, msc fraction; [4]: out of time
-                examples = torch.zeros(1, device=acc.device)
-                for m in range(accum):
-                    batch = self._next_batch(batches, rank)
-                    gen = micro_generator(cfg.seed, self.step * accum + m, rank)
-                    syncing = m == accum - 1
-                    with nullcontext() if syncing else acc.no_sync(self.models.student):
-                        loss, stats = micro_step(self.models, batch, gen, cfg, acc)
-                        acc.backward(loss / accum)
-                    sums[:4] += stats
-                    examples += len(batch["keys"])
-                if cfg.max_grad_norm is not None:
-                    acc.clip_grad_norm_(self.adapter.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                if cfg.max_seconds is not None and time.perf_counter() - began > cfg.max_seconds:
-                    sums[4] = accum  # reduced with the losses: every process stops at the same step
-                means = acc.reduce(sums / accum, "mean").tolist()
-                stop = means[4] > 0
-                total = int(acc.reduce(examples, "sum").item())
-                seconds = time.perf_counter() - started
-                entry = StepLog(self.step, means[0], means[1], means[2], means[3], total, seconds)
-                history.append(entry)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop:
-                    log.log(self.step, {"epoch": self.positions[rank] / self.dataset_shard(), "loss": entry.loss,
-                                        "loss_cfg": entry.loss_cfg, "loss_msc": entry.loss_msc,
-                                        "msc_fraction": entry.msc_fraction, "learning_rate": cfg.learning_rate,
-                                        "examples_per_second": total / seconds, "seconds": seconds})
-                bar.update(1)
-                bar.set_postfix(loss=f"{entry.loss:.4f}")
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or stop:
-                    self._save()
-        finally:
-            bar.close()
-            log.close()
-        if not history:
-            self._gather_skipped()
-        if self.main:
-            dtype = torch.float16 if cfg.save_precision == "fp16" else torch.float32
-            save_adapter(self.adapter, Path(cfg.output).expanduser(), dtype=dtype)
-            if self.skipped_count:
-                logger.warning("skipped %d unreadable image draw(s), %d distinct image(s)", self.skipped_count,
-                               len(self.skipped))
-        acc.wait_for_everyone()
-        seconds = sum(h.seconds for h in history)
-        return TrainResult(Path(cfg.output), self.ckpt_dir, self.start_step, self.step, tuple(history),
-                           dict(self.skipped), self.skipped_count,
-                           sum(h.examples for h in history) / seconds if seconds else 0.0, self.main)
-
-    def dataset_shard(self) -> int:
-        """How many examples this process draws per epoch."""
-        acc = self.accelerator
-        return len(range(acc.process_index, len(self.dataset), acc.num_processes))
+        if not self.main:
+            return
+        cfg = self.config
+        dtype = torch.float16 if cfg.save_precision == "fp16" else torch.float32
+        save_adapter(self.adapter, Path(cfg.output).expanduser(), dtype=dtype)
+        if self.skipped_count:
+            logger.warning("skipped %d unreadable image draw(s), %d distinct image(s)", self.skipped_count,
+                           len(self.skipped))

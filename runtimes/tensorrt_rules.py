@@ -1,19 +1,22 @@
-"""TensorRT without TensorRT: the pure rules the builder and the runtime follow.
+"""TensorRT facts the runtime and the engine builder share, testable without TensorRT.
 
-Nothing here imports ``tensorrt`` or CUDA, so every decision is testable on any machine:
+Importing this module imports neither ``tensorrt`` nor CUDA, so every decision is testable
+on any machine (the three helpers at the end import them when called):
 
 - version rules: which TensorRT runs on which GPU (``RULES``, checked up front, one line each);
 - engine naming: ``unet.trt10.4.0.sm70.plan`` (the TensorRT version and compute capability);
 - the optimisation profile of each component, from the manifest (static shapes, batch 1);
-- the build plan: the settings ``build-engines`` applies (opt level, flags, profile, cache, pool);
-- the rebuild decision: is the engine recorded in the manifest usable on this machine;
-- the I/O binding plan: every engine tensor's name, shape, dtype and byte size.
+- engine records and the rebuild decision: is the engine recorded in the manifest usable here;
+- the I/O binding plan: every engine tensor's name, shape, dtype and byte size;
+- ``import_tensorrt``, ``cuda_runtime``, ``gpu``: the guarded imports and the GPU's compute capability.
+
+The builder's own settings (build plan, Volta graph choice) are in ``sun_edge.export.tensorrt``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,7 @@ from sun_edge.bundle import Component, Manifest
 from sun_edge.errors import SunEdgeError
 
 TARGET = "tensorrt"
-VOLTA_SUFFIX = ".volta.onnx"  # unet.volta.onnx: attention logits in fp32, built on sm < 75
-DEFAULT_OPT_LEVEL = 3
-DEFAULT_WORKSPACE_GB = 4.0
+DEFAULT_OPT_LEVEL = 3  # TensorRT's builder default; engine records without one were built at it
 PLAIN_MAX_BATCH = 2  # the CFG baseline UNet runs batch 1 or 2: its profile spans both
 Version = tuple[int, ...]
 
@@ -108,16 +109,6 @@ def engine_file(component: str, trt_version: str, compute: int) -> str:
     return f"{component}.trt{short_version(trt_version)}.sm{compute}.plan"
 
 
-def use_volta_graph(component: Component, compute: int) -> bool:
-    """fp16 UNets built for GPUs without fused attention (sm < 75) use the fp32-logits graph."""
-    return compute < 75 and component.precision == "fp16" and component.file.startswith("unet")
-
-
-def volta_file(component: Component) -> str:
-    """``unet.onnx`` -> ``unet.volta.onnx``."""
-    return component.file.removesuffix(".onnx") + VOLTA_SUFFIX
-
-
 def profile_shapes(component: Component) -> dict[str, dict[str, tuple[int, ...]]]:
     """min/opt/max per input: static shapes (min = opt = max); a free batch dimension spans 1..2."""
     shapes = {}
@@ -126,21 +117,6 @@ def profile_shapes(component: Component) -> dict[str, dict[str, tuple[int, ...]]
         hi = tuple(PLAIN_MAX_BATCH if d < 0 else d for d in spec.shape)
         shapes[spec.name] = {"min": lo, "opt": hi, "max": hi}
     return shapes
-
-
-def tensorrt_extra(manifest: Manifest) -> dict[str, Any]:
-    """``manifest.extra["tensorrt"]`` for a fresh export: the profiles, and no engines yet."""
-    return {
-        "profile": {name: {k: {i: list(v) for i, v in p.items()} for k, p in _by_kind(c).items()}
-                    for name, c in manifest.components.items()},
-        "static_shapes": True, "batch": 1, "text_tokens": int(manifest.text["tokens"]),
-        "engines": {},
-    }
-
-
-def _by_kind(component: Component) -> dict[str, dict[str, tuple[int, ...]]]:
-    shapes = profile_shapes(component)
-    return {k: {name: s[k] for name, s in shapes.items()} for k in ("min", "opt", "max")}
 
 
 @dataclass(frozen=True)
@@ -186,39 +162,6 @@ def rebuild_reason(record: EngineRecord | None, trt_version: str, compute: int, 
 
 
 @dataclass(frozen=True)
-class BuildPlan:
-    """What ``build-engines`` applies for one component (TensorRT's builder config, as data)."""
-
-    component: str
-    onnx_file: str
-    engine_file: str
-    opt_level: int
-    strongly_typed: bool
-    workspace_bytes: int
-    timing_cache: Path | None
-    profile: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
-    volta: bool = False
-
-
-def build_plan(manifest: Manifest, component: str, trt_version: str, compute: int, *,
-               opt_level: int = DEFAULT_OPT_LEVEL, workspace_gb: float = DEFAULT_WORKSPACE_GB,
-               timing_cache: Path | str | None = None) -> BuildPlan:
-    """The builder settings for ``component`` with TensorRT ``trt_version`` on an sm``compute`` GPU."""
-    if not 0 <= opt_level <= 5:
-        raise SunEdgeError(f"--opt-level {opt_level} is out of range; TensorRT's builder optimisation levels are 0-5")
-    if workspace_gb <= 0:
-        raise SunEdgeError(f"--workspace-gb {workspace_gb:g} must be positive, e.g. 4")
-    if component not in manifest.components:
-        raise SunEdgeError(f"the bundle has no {component} component; it has: {', '.join(manifest.components)}")
-    check_compatible(trt_version, compute)
-    comp = manifest.components[component]
-    volta = use_volta_graph(comp, compute)
-    return BuildPlan(component, volta_file(comp) if volta else comp.file, engine_file(component, trt_version, compute),
-                     opt_level, parse_version(trt_version) >= (9,), int(workspace_gb * (1 << 30)),
-                     Path(timing_cache) if timing_cache is not None else None, profile_shapes(comp), volta)
-
-
-@dataclass(frozen=True)
 class Binding:
     """One engine I/O tensor: what the runtime allocates and binds."""
 
@@ -240,3 +183,35 @@ def binding_plan(component: Component) -> tuple[Binding, ...]:
         shape = tuple(PLAIN_MAX_BATCH if d < 0 else d for d in spec.shape)
         out.append(Binding(spec.name, shape, spec.dtype, int(np.prod(shape)) * np.dtype(spec.dtype).itemsize, False))
     return tuple(out)
+
+
+def import_tensorrt() -> Any:
+    """``import tensorrt`` with the install hint as a one-line error."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise SunEdgeError("TensorRT is not installed: pip install 'sun-edge[tensorrt]' "
+                           "(V100: 'tensorrt>=10.0,<10.5')") from e
+    return trt
+
+
+def cuda_runtime() -> Any:
+    """cuda-python's runtime API module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError as e:
+            raise SunEdgeError("TensorRT engines need cuda-python: pip install 'sun-edge[tensorrt]'") from e
+    return runtime
+
+
+def gpu(device: int = 0) -> tuple[str, int]:
+    """The GPU's name and compute capability (``("Tesla V100-SXM2-16GB", 70)``)."""
+    cudart = cuda_runtime()
+    err, props = cudart.cudaGetDeviceProperties(device)
+    if int(err) != 0:
+        raise SunEdgeError(f"no usable CUDA GPU {device} (cudaGetDeviceProperties: {err}); check the driver")
+    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    return name, sm(props.major, props.minor)
