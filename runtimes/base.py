@@ -122,8 +122,7 @@ class GraphRuntime(BundleRuntime):
     def require_tiny_decoder(self) -> None:
         """Raise unless the bundle has TAESD's decoder (exported with ``--vae-decoder tiny:PATH``)."""
         if not self.has_tiny_decoder:
-            raise SunEdgeError(f"bundle {self.bundle.path} has no TAESD decoder ({TINY_DECODER}.onnx); re-export it "
-                               "with --vae-decoder tiny:PATH, or use --vae-decoder full")
+            raise SunEdgeError(f"bundle {self.bundle.path} has no TAESD decoder ({TINY_DECODER}.onnx)", fix="export_tiny")
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -143,8 +142,8 @@ class GraphRuntime(BundleRuntime):
     def require_baseline(self) -> None:
         """Raise unless the bundle has the UNet without the adapter (exported with ``--with-baseline``)."""
         if not self.has("unet_plain"):
-            raise SunEdgeError(f"bundle {self.bundle.path} has no UNet without the adapter, which CFG mode needs; "
-                               "re-export it with --with-baseline")
+            raise SunEdgeError(f"bundle {self.bundle.path} has no UNet without the adapter, which CFG mode needs",
+                               fix="export_baseline")
 
     def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
         """The UNet without the adapter, batch 1 or 2 (the CFG baseline): eps [B,4,h,w]."""

@@ -131,8 +131,7 @@ class CoreMLRuntime(GraphRuntime):
 
     def require_baseline(self) -> None:
         """CFG mode needs a UNet without the adapter, which Core ML bundles do not hold: one clear line."""
-        raise SunEdgeError(f"bundle {self.bundle.path} holds the SUN UNet only; --mode cfg and --compare need the UNet "
-                           "without the adapter: use an ONNX bundle exported with --with-baseline, or --model")
+        raise SunEdgeError(f"bundle {self.bundle.path} holds the SUN UNet only", fix="coreml_cfg")
 
     def encode_text(self, ids: np.ndarray) -> np.ndarray:
         """Token ids [1,77] int64 -> last hidden state [1,77,D] float32 (the graph takes int32 ids)."""

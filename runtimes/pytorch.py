@@ -24,6 +24,20 @@ Precision = Literal["fp32", "fp16", "bf16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def check_device(device: str) -> None:
+    """Raise one line unless ``device`` names a torch device this machine has (before anything loads)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise SunEdgeError(f"unknown torch device {device!r}; use e.g. cpu, cuda, cuda:1, mps") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SunEdgeError(f"device {device} needs CUDA, and this PyTorch {torch.__version__} sees no CUDA GPU; use cpu")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise SunEdgeError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SunEdgeError(f"device {device} needs Apple's Metal (macOS on Apple silicon); use cpu")
+
+
 @dataclass
 class TorchRuntime:
     """Runtime protocol over PyTorch modules. ``adapter`` None means CFG-only (no ``unet``)."""
@@ -73,6 +87,7 @@ class TorchRuntime:
         how UNet calls run (``sun_edge.runtimes.torch_speed``), checked before anything loads.
         """
         check_optimize(optimize, device)
+        check_device(device)
         from sun_edge.models import load_model
         from sun_edge.taesd import load_tiny_decoder, parse_vae_decoder
         from sun_edge.weights import sha256_file
@@ -125,7 +140,7 @@ class TorchRuntime:
     def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
         """One SUN forward: eps [B,4,h,w] from latents, timestep and both text embeddings."""
         if self.sun_unet is None:
-            raise SunEdgeError("this runtime has no SUN adapter: pass --adapter, or use --mode cfg")
+            raise SunEdgeError("this runtime has no SUN adapter", fix="adapter_or_cfg")
         batch = self._latents("sample", latents).shape[0]
         check_input("encoder_hidden_states", pos, (batch, self.text_tokens, self.text_dim), np.float32)
         check_input("negative_encoder_hidden_states", neg, (batch, self.text_tokens, self.text_dim), np.float32)
@@ -170,7 +185,7 @@ class TorchRuntime:
     def decode_tiny(self, latents: np.ndarray) -> np.ndarray:
         """TAESD: latents [B,4,h,w] as the sampler returns them (no 1/0.18215) -> image [B,3,8h,8w] in [-1, 1]."""
         if self.tiny_decoder is None:
-            raise SunEdgeError("this runtime has no TAESD decoder: load it with --vae-decoder tiny:PATH")
+            raise SunEdgeError("this runtime has no TAESD decoder", fix="load_tiny")
         return self.tiny_decoder(self._tensor(self._latents("latents", latents))).float().cpu().numpy()
 
     @torch.no_grad()

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from sun_edge import __version__
+from sun_edge import cli_make
 from sun_edge.errors import SunEdgeError
+from sun_edge.settings import check_output_file
 from sun_edge.runtimes.torch_speed import OPTIMIZATIONS
 
 DEFAULT_MODEL = "pocket-base"
@@ -66,75 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("path", type=Path)
     a.add_argument("--model", help="check it against this model's UNet (default: SD1.5's architecture)")
     a.add_argument("--allow-pickle", action="store_true")
-    _add_export_parser(sub)
-    _add_build_engines_parser(sub)
+    cli_make.add_export_parser(sub, _add_model_args)
+    cli_make.add_build_engines_parser(sub)
     _add_check_parsers(sub)
-    _add_train_parser(sub)
-    _add_eval_parser(sub)
+    cli_make.add_train_parser(sub)
+    cli_make.add_eval_parser(sub)
     return parser
-
-
-def _add_eval_parser(sub: Any) -> None:
-    """The ``eval`` subcommand: the paper's tables in miniature on the Pocket SD family."""
-    v = sub.add_parser("eval", help="Pocket SD: Table 2 (4-step samplers vs 25-step CFG), Table 4 (MSC p), Fig. 5 "
-                                    "(negative prompts), scored by the world's attribute classifier")
-    v.add_argument("--model", action="append", metavar="NAME|PATH",
-                   help="models to evaluate, the base first (default: pocket-base pocket-toon)")
-    v.add_argument("--adapter", help="SUN adapter trained on the first model (default: the one beside it)")
-    v.add_argument("--msc-adapter", action="append", default=[], metavar="LABEL:PATH",
-                   help="Table 4: an adapter trained with another MSC probability, e.g. p=0:sun-p0.safetensors")
-    v.add_argument("--prompts", type=int, default=64, help="Table 2 prompts, one seed each (default 64)")
-    v.add_argument("--negative-seeds", type=int, default=8, help="Fig. 5 seeds per shape (default 8; 0 skips Fig. 5)")
-    v.add_argument("--classifier", help="attribute classifier weights (default: the shipped one)")
-    v.add_argument("-o", "--output", type=Path, required=True, help="folder for eval.json, tables.md and the grids")
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    import shlex
-
-    from sun_edge.pocket.report import EvalRequest, run_eval
-
-    if args.prompts < 1 or args.negative_seeds < 0:
-        raise SunEdgeError("--prompts must be at least 1 and --negative-seeds at least 0")
-    msc = []
-    for text in args.msc_adapter:
-        label, sep, path = text.partition(":")
-        if not sep or not label or not path:
-            raise SunEdgeError(f"bad --msc-adapter {text!r}: write LABEL:PATH, e.g. p=0:sun-p0.safetensors")
-        msc.append((label, path))
-    request = EvalRequest(models=tuple(args.model or ("pocket-base", "pocket-toon")), adapter=args.adapter,
-                          msc_adapters=tuple(msc), prompts=args.prompts, negative_seeds=args.negative_seeds,
-                          classifier=args.classifier, command="sun-edge " + shlex.join(args.argv))
-    report = run_eval(request, args.output)
-    print(report.markdown())
-    print(f"wrote {args.output}/eval.json, tables.md and the grids ({report.seconds:.0f} s)")
-    return 0
-
-
-def _add_train_parser(sub: Any) -> None:
-    """The ``train`` subcommand (options defined with the training code)."""
-    from sun_edge.train.args import add_train_arguments
-
-    t = sub.add_parser("train", help="train a SUN adapter for a base model (CFG distillation + MSC; accelerate-ready)")
-    add_train_arguments(t)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from sun_edge.train.args import config_from_args
-    from sun_edge.train.loop import train
-
-    result = train(config_from_args(args))
-    if not result.main_process:
-        return 0
-    if result.start_step:
-        print(f"resumed from step {result.start_step} ({result.checkpoint_dir})", file=sys.stderr)
-    if result.skipped_count:
-        print(f"warning: skipped {len(result.skipped)} unreadable image(s) ({result.skipped_count} draws), "
-              f"first: {next(iter(result.skipped))}", file=sys.stderr)
-    speed = f", {result.examples_per_second:.3g} examples/s" if result.history else ", nothing left to train"
-    print(f"wrote {result.output} after {result.steps} steps{speed}; checkpoints and logs in {result.checkpoint_dir}")
-    return 0
-
 
 
 def _outputs(output: Path, seeds: Sequence[int]) -> list[Path]:
@@ -188,11 +127,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from sun_edge import imaging
     from sun_edge.pipeline import Pipeline, Settings
+    from sun_edge.settings import check_seeds, check_text
 
-    if args.output.suffix.lower() != ".png":
-        raise SunEdgeError(f"output {args.output} must end in .png")
-    if not args.output.parent.resolve().is_dir():
-        raise SunEdgeError(f"output folder {args.output.parent} does not exist; create it first")
+    check_output_file(args.output, "-o", suffix=".png")
+    check_text(args.prompt, "prompt")
+    check_text(args.negative_prompt, "negative prompt")
+    check_seeds(args.seed)
     overrides = {"steps": args.steps, "scheduler": args.scheduler, "spacing": args.spacing, "height": args.height,
                  "width": args.width}
     common = {"guidance": args.guidance, "noise": args.noise}
@@ -206,9 +146,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         settings.validate()
         runtime, tokenizer = _bundle_runtime(args, bundle)
         pipe = Pipeline(runtime, tokenizer)
-    else:
+    else:  # everything that needs no model is checked before loading it (seconds for a real checkpoint)
+        given = {k: 8 if v is None else v for k, v in (("height", args.height), ("width", args.width))}  # size: later
+        Settings.for_mode(args.mode, **{**overrides, **given}, **common).validate()
         runtime = _torch_runtime(args, args.mode)
-        size = {"height": args.height or runtime.native_size, "width": args.width or runtime.native_size}
+        size = {"height": runtime.native_size if args.height is None else args.height,
+                "width": runtime.native_size if args.width is None else args.width}
         settings = Settings.for_mode(args.mode, **{**overrides, **size}, **common)
         baseline = Settings.for_mode("cfg", **size, **common)
         settings.validate()
@@ -293,76 +236,6 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_export_parser(sub: Any) -> None:
-    """The ``export`` subcommand: a model with its adapter fused in, as a bundle for a target runtime."""
-    from sun_edge.export import TARGETS
-
-    e = sub.add_parser("export", help="export a model with its SUN adapter fused in as a bundle (graphs, tokenizer, manifest)")
-    e.add_argument("--target", required=True, help=f"what to export for: {', '.join(TARGETS)}")
-    _add_model_args(e)
-    e.add_argument("--precision", choices=["fp32", "fp16"],
-                   help="fp16 keeps softmax, normalisation and the adapter's norm ratio in fp32; the VAE stays fp32 "
-                        "(default: fp32; fp16 for coreml and tensorrt)")
-    e.add_argument("--height", type=int, help="image height the graphs are made for (static; default: the model's own, SD1.5 512)")
-    e.add_argument("--width", type=int, help="image width the graphs are made for (static; default: the model's own, SD1.5 512)")
-    e.add_argument("--with-baseline", action="store_true", help="also export the UNet without the adapter (batch 1 or 2) for --mode cfg")
-    e.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH",
-                   help="tiny:PATH: also export this TAESD decoder (diffusers folder or .safetensors) as vae_decoder_tiny, "
-                        "for generate --vae-decoder tiny (onnx target only; default: full, the model's VAE alone)")
-    e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
-    e.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
-    for target in TARGETS.values():  # each target's own options, declared in its registry entry
-        if target.options:
-            group = e.add_argument_group(f"{target.name} target")
-            for option in target.options:
-                group.add_argument(f"--{option.name.replace('_', '-')}", type=option.type, choices=option.choices,
-                                   help=option.help)
-
-
-def _add_build_engines_parser(sub: Any) -> None:
-    """The ``build-engines`` subcommand: TensorRT engines for a tensorrt bundle, on the GPU that will serve it."""
-    from sun_edge.export.tensorrt import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB
-
-    b = sub.add_parser("build-engines", help="build TensorRT engines for a --target tensorrt bundle on this machine's GPU")
-    b.add_argument("--bundle", type=Path, required=True, help="the bundle directory (sun-edge export --target tensorrt)")
-    b.add_argument("--opt-level", type=int, default=DEFAULT_OPT_LEVEL, choices=range(6), metavar="0-5",
-                   help=f"TensorRT builder optimisation level (default {DEFAULT_OPT_LEVEL})")
-    b.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file: read if present, written after each build")
-    b.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB,
-                   help=f"builder workspace memory pool limit in GiB (default {DEFAULT_WORKSPACE_GB:g})")
-    b.add_argument("--force", action="store_true", help="rebuild engines that are already current")
-
-
-def cmd_build_engines(args: argparse.Namespace) -> int:
-    from sun_edge.export.tensorrt import build_engines
-
-    manifest = build_engines(args.bundle, opt_level=args.opt_level, timing_cache=args.timing_cache,
-                             workspace_gb=args.workspace_gb, force=args.force)
-    for name, engine in manifest.extra["tensorrt"]["engines"].items():
-        print(f"{name}: {engine['file']} ({engine['gpu']}, sm{engine['sm']}, TensorRT {engine['tensorrt']})")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from sun_edge.bundle_parity import export_parity
-    from sun_edge.export import TARGETS, export, export_options
-    from sun_edge.models import parse_lora_arg
-
-    chosen = TARGETS.get(args.target)
-    for target in TARGETS.values():  # options of another target are refused, not ignored
-        for option in target.options:
-            if getattr(args, option.name) is not None and target is not chosen:
-                raise SunEdgeError(f"--{option.name.replace('_', '-')} applies to --target {target.name} only")
-    specific = {o.name: getattr(args, o.name) for o in (chosen.options if chosen else ()) if getattr(args, o.name) is not None}
-    options = export_options(args.target, precision=args.precision, height=args.height, width=args.width,
-                             with_baseline=args.with_baseline, **specific)
-    loras = tuple(parse_lora_arg(text) for text in args.lora)
-    path = export(args.target, args.model, args.output, adapter=args.adapter, loras=loras, allow_pickle=args.allow_pickle,
-                  options=options, force=args.force, parity=export_parity, vae_decoder=args.vae_decoder)
-    print(f"wrote {path}")
-    return 0
-
-
 def _add_check_parsers(sub: Any) -> None:
     """The ``parity`` and ``bench`` subcommands."""
     p = sub.add_parser("parity", help="re-check a bundle against the PyTorch reference: PSNR per component on real inputs")
@@ -397,8 +270,7 @@ def _add_check_parsers(sub: Any) -> None:
 
 
 def _check_json_path(path: Path | None) -> None:
-    if path is not None and not path.parent.resolve().is_dir():
-        raise SunEdgeError(f"folder {path.parent} for --json does not exist; create it first")
+    check_output_file(path, "--json")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -431,7 +303,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _check_json_path(args.json)
     info: dict[str, Any] = {}
-    size = (args.size, args.size) if args.size else None
+    size = (args.size, args.size) if args.size is not None else None
+    if size is not None:
+        from sun_edge.settings import Settings
+
+        Settings(height=args.size, width=args.size).validate()
     if args.bundle:
         from sun_edge.bundle import open_bundle
         from sun_edge.runtimes import open_bundle_runtime
@@ -441,7 +317,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                "(its TAESD decoder, if exported, is timed as well)")
         bundle = open_bundle(args.bundle)
         manifest = bundle.manifest
-        size = size if args.size else (int(manifest.image["height"]), int(manifest.image["width"]))
+        size = size or (int(manifest.image["height"]), int(manifest.image["width"]))
         runtime = open_bundle_runtime(bundle, args.runtime, provider=args.provider)
         info.update(bundle=str(args.bundle), target=manifest.target, precision=manifest.precision, provider=args.provider)
     else:
@@ -459,8 +335,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# The CLI's words for the library's fixes (sun_edge.errors.FIXES): the flags to pass.
+CLI_FIXES = {
+    "adapter": ": pass --adapter PATH to a SUN adapter .safetensors",
+    "adapter_or_cfg": ": pass --adapter, or use --mode cfg",
+    "load_tiny": ": load it with --vae-decoder tiny:PATH",
+    "export_tiny": "; re-export it with --vae-decoder tiny:PATH, or use --vae-decoder full",
+    "export_baseline": "; re-export it with --with-baseline",
+    "coreml_cfg": "; --mode cfg and --compare need the UNet without the adapter: use an ONNX bundle exported with "
+                  "--with-baseline, or --model",
+    "model_path": " or pass --model PATH",
+    "allow_pickle": "; convert it to .safetensors or pass --allow-pickle if you trust it",
+}
+
 COMMANDS = {"generate": cmd_generate, "models": cmd_models, "adapter": cmd_adapter, "parity": cmd_parity, "bench": cmd_bench,
-            "train": cmd_train, "export": cmd_export, "build-engines": cmd_build_engines, "eval": cmd_eval}
+            **cli_make.COMMANDS}
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -476,13 +365,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # inside the try: a reader that left (`| head`) is a BrokenPipeError here, not at exit
+        return code
     except SunEdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.render(CLI_FIXES)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sun-edge models | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
 
 
 if __name__ == "__main__":

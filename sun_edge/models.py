@@ -193,7 +193,7 @@ def resolve_model(name_or_path: str) -> Path:
         wanted = entry.files[0] if entry.files else f"the diffusers folder {entry.folders[0]}"
         raise SunEdgeError(
             f"model '{entry.name}' is not installed: put {wanted} ({entry.display_name}, from {entry.source}) "
-            f"in {directory}/ or pass --model PATH"
+            f"in {directory}/", fix="model_path"
         )
     return found
 
@@ -278,8 +278,7 @@ def _weight_file(directory: Path, stem: str, allow_pickle: bool) -> tuple[Path, 
                     if not safe and not allow_pickle:
                         raise SunEdgeError(
                             f"refusing to load pickle checkpoint {directory.name}/{candidate.name}: pickle files "
-                            "can run code; convert it to .safetensors or pass --allow-pickle if you trust it"
-                        )
+                            "can run code", fix="allow_pickle")
                     return candidate, safe, variant
     raise SunEdgeError(f"no weights in {directory}: expected {stem}.safetensors")
 

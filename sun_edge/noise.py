@@ -1,7 +1,8 @@
 """Initial latent noise from a seed, in NumPy: portable, or the same numbers as PyTorch.
 
 ``kind="numpy"`` is NumPy's PCG64 generator with ziggurat normals: the same on every
-platform, and the default. ``kind="torch"`` reproduces
+platform, and this function's default. ``kind="torch"`` (what ``Settings`` and the CLI use by
+default, so a seed gives a diffusers pipeline's image) reproduces
 ``torch.randn(shape, generator=torch.Generator().manual_seed(seed))`` on the CPU without
 importing torch, so a seed gives the same image in a bundle as in a diffusers script.
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -18,65 +18,12 @@ from PIL import Image
 from sun_edge import imaging, noise, sampling
 from sun_edge import __version__
 from sun_edge.components import Runtime
+from sun_edge.settings import Mode, NoiseKind, Settings, check_finite, check_seeds, check_text
 from sun_edge.errors import SunEdgeError
 from sun_edge.tokenizer import CLIPTokenizer
 
-if TYPE_CHECKING:
-    from sun_edge.bundle import Manifest
-
 __all__ = ["Generated", "Mode", "Pipeline", "Runtime", "Settings"]
 
-Mode = Literal["sun", "cfg"]
-NoiseKind = Literal["torch", "numpy"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to sample. SUN defaults: 4 DDIM steps on the trailing grid [999, 749, 499, 249]."""
-
-    mode: Mode = "sun"
-    steps: int = 4
-    scheduler: str = "ddim"
-    spacing: str = "trailing"
-    guidance: float = 8.0  # CFG mode only; SUN's guidance is learnt
-    height: int = 512
-    width: int = 512
-    noise: NoiseKind = "torch"
-
-    @classmethod
-    def baseline(cls, **overrides: Any) -> "Settings":
-        """The reference SUN is measured against: 25 DPM-Solver++ steps with CFG at scale 8."""
-        return replace(cls(mode="cfg", steps=25, scheduler="dpmpp_2m", spacing="linspace"), **overrides)
-
-    @classmethod
-    def for_mode(cls, mode: Mode = "sun", **overrides: Any) -> "Settings":
-        """The defaults of ``mode`` (SUN's, or ``baseline()``'s for ``cfg``), then ``overrides`` (``None`` keeps a default)."""
-        base = cls() if mode == "sun" else cls.baseline()
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-    @classmethod
-    def from_manifest(cls, manifest: Manifest, mode: Mode = "sun", **overrides: Any) -> "Settings":
-        """A bundle's defaults for ``mode``: its image size and the scheduler it records for that mode (SUN's
-        ``scheduler``, CFG's ``baseline``), then ``overrides``. A bundle's graphs have static shapes: another
-        size is refused."""
-        size = {"height": int(manifest.image["height"]), "width": int(manifest.image["width"])}
-        recorded = (manifest.scheduler if mode == "sun" else manifest.baseline) or {}
-        settings = cls.for_mode(mode, **size, steps=recorded.get("steps"), scheduler=recorded.get("name"),
-                                spacing=recorded.get("spacing"))
-        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-        if (settings.height, settings.width) != (size["height"], size["width"]):
-            raise SunEdgeError(f"this bundle makes {size['width']}x{size['height']} images (its graphs have static "
-                               "shapes); ask for that size, or re-export it at the size you want")
-        return settings
-
-    def validate(self) -> None:
-        if self.mode not in ("sun", "cfg"):
-            raise SunEdgeError(f"unknown mode {self.mode!r}; valid modes: cfg, sun")
-        if self.steps < 1:
-            raise SunEdgeError(f"steps must be at least 1, got {self.steps}")
-        for side, value in (("height", self.height), ("width", self.width)):
-            if value < 8 or value % 8:
-                raise SunEdgeError(f"{side} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
 
 
 @dataclass
@@ -141,6 +88,9 @@ class Pipeline:
                  settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None) -> list[Generated]:
         """One image per seed. ``progress(done, total)`` is called once before the first UNet step, then after each."""
         settings.validate()
+        check_text(prompt, "prompt")
+        check_text(negative_prompt, "negative prompt")
+        check_seeds(seeds)
         total, done = len(seeds) * settings.steps, 0
         results = []
         pos, neg = self.embed(prompt), self.embed(negative_prompt)  # once for all seeds
@@ -158,7 +108,9 @@ class Pipeline:
 
             latents = sampling.sample(meter, self.initial_latents(seed, settings), steps=settings.steps,
                                       scheduler=settings.scheduler, spacing=settings.spacing, progress=step_done)
-            image = imaging.to_pil(self.runtime.decode(latents.astype(np.float32))[0])
+            check_finite(latents, "the final latents", "the UNet")
+            pixels = check_finite(self.runtime.decode(latents.astype(np.float32)), "the image", "the VAE decoder")
+            image = imaging.to_pil(pixels[0])
             seconds = time.perf_counter() - start
             results.append(Generated(image, seed, prompt, negative_prompt, settings, seconds, meter.calls,
                                      meter.seconds, self._fields(seed, settings)))

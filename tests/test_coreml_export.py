@@ -174,7 +174,7 @@ def test_runtime_through_the_evaluator(coreml_bundle, tiny_reference):
         runtime.unet(latents, np.array([999.0]), emb[..., :16], emb)
     with pytest.raises(SunEdgeError, match=r"^input_ids: expected dtype int64, got int32$"):
         runtime.encode_text(ids.astype(np.int32))
-    with pytest.raises(SunEdgeError, match="holds the SUN UNet only; --mode cfg and --compare need"):
+    with pytest.raises(SunEdgeError, match="holds the SUN UNet only: CFG mode needs the UNet without the adapter"):
         runtime.require_baseline()
 
 
@@ -190,6 +190,19 @@ def test_generate_from_a_coreml_bundle_without_torch(coreml_bundle, tmp_path):
     """, capture_output=True, text=True)
     assert out.is_file(), result.stderr
     assert "NumPy MIL evaluator" in result.stderr and result.stderr.count("warning:") == 1
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on macOS Core ML predicts")
+def test_generate_off_macos_needs_the_evaluator_by_name(coreml_bundle, tmp_path, capsys):
+    from cli_helpers import error_line, run
+
+    out = tmp_path / "cat.png"
+    code, _, err = run(capsys, "generate", "--bundle", str(coreml_bundle), "--prompt", "a cat", "-o", str(out))
+    assert code == 2 and not out.exists()
+    assert error_line(err).startswith("error: Core ML prediction needs macOS; elsewhere a Core ML bundle can only be "
+                                      "checked, with the NumPy MIL evaluator (runtime coreml-mil")
+    code, _, err = run(capsys, "bench", "--bundle", str(coreml_bundle), "--repeats", "1")
+    assert code == 2 and "Core ML prediction needs macOS" in error_line(err)
 
 
 def test_parity_command_on_a_coreml_bundle(coreml_bundle, home_env, tmp_path, capsys):

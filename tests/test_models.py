@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sun_edge
+from sun_edge.cli import CLI_FIXES
 from sun_edge.errors import SunEdgeError
 from sun_edge.models import (
     CONFIG_DIR,
@@ -131,7 +132,8 @@ def test_pickle_checkpoint_refused_then_loaded_with_allow_pickle(tiny, tiny_file
     with pytest.raises(SunEdgeError) as excinfo:
         load_model(str(ckpt), config_dir=tiny_files["folder"])
     message = one_line_error(excinfo)
-    assert "refusing to load pickle checkpoint tiny.ckpt" in message and "--allow-pickle" in message
+    assert "refusing to load pickle checkpoint tiny.ckpt" in message and "allow pickle files (allow_pickle)" in message
+    assert excinfo.value.render(CLI_FIXES).endswith("pass --allow-pickle if you trust it")  # the CLI names its flag
     model = load_model(str(ckpt), config_dir=tiny_files["folder"], allow_pickle=True)
     assert_same_weights(tiny["unet"], model.unet)
 
@@ -292,7 +294,8 @@ def test_missing_registry_model_says_what_to_put_where(offline_home):
         resolve_model("toonyou")
     message = one_line_error(excinfo)
     assert message.startswith("model 'toonyou' is not installed: put toonyou_beta6.safetensors (ToonYou beta 6")
-    assert f"in {offline_home / 'models'}/ or pass --model PATH" in message
+    assert f"in {offline_home / 'models'}/ or give the model's path" in message
+    assert excinfo.value.render(CLI_FIXES).endswith(f"in {offline_home / 'models'}/ or pass --model PATH")
     assert not offline_home.exists()  # looking writes nothing
 
 

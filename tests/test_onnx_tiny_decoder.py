@@ -178,7 +178,7 @@ def test_tiny_on_a_bundle_without_it_names_the_fix(tiny_bundle, tmp_path, capsys
                                "--vae-decoder tiny:PATH, or use --vae-decoder full")
     runtime = OnnxRuntime.open(bundle)
     assert not runtime.has_tiny_decoder and runtime.decoder == "full"
-    with pytest.raises(SunEdgeError, match="re-export it with --vae-decoder tiny:PATH"):
+    with pytest.raises(SunEdgeError, match="re-export it with a TAESD decoder"):
         runtime.decode_tiny(np.zeros((1, 4, 8, 8), np.float32))
 
 

@@ -237,19 +237,24 @@ class TrainDataset(Dataset):
     def __getitem__(self, key: Key) -> dict[str, Any]:
         record = self.records[key[1]]
         try:
-            pixels = center_crop(load_image(record.image), self.resolution)
+            image = load_image(record.image)
+            pixels = center_crop(image, self.resolution)
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...: skip them all
             reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             return {"key": key, "skipped": (record.name, reason)}
-        return {"key": key, "pixels": pixels, "ids": token_ids(self.tokenizer, record.caption),
+        item = {"key": key, "pixels": pixels, "ids": token_ids(self.tokenizer, record.caption),
                 "neg_ids": token_ids(self.tokenizer, self.negative_prompt(key))}
+        if min(image.size) < self.resolution:  # trained on, but the user is told (it teaches blur)
+            item["upscaled"] = (record.name, image.size)
+        return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the readable items; ``skipped`` lists (name, reason) of the others; ``drawn`` counts all."""
     good = [item for item in items if "skipped" not in item]
     batch: dict[str, Any] = {"drawn": len(items), "keys": [item["key"] for item in good],
-                             "skipped": [item["skipped"] for item in items if "skipped" in item]}
+                             "skipped": [item["skipped"] for item in items if "skipped" in item],
+                             "upscaled": [item["upscaled"] for item in good if "upscaled" in item]}
     if good:
         batch["pixels"] = torch.from_numpy(np.stack([item["pixels"] for item in good]))  # [B,3,R,R]
         batch["ids"] = torch.from_numpy(np.stack([item["ids"] for item in good]))  # [B,77]

@@ -90,14 +90,32 @@ def train(config: TrainConfig, model: LoadedModel | None = None) -> TrainResult:
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
     except (ValueError, RuntimeError) as e:
         raise SunEdgeError(f"cannot set up mixed precision {config.mixed_precision!r}: {str(e).splitlines()[0]}") from e
+    ckpt_dir = config.checkpoints.expanduser()
+    created = not ckpt_dir.exists()
     try:
         return run(Session(config, accelerator, dataset, model))
+    except BaseException:
+        if created and accelerator.is_main_process:
+            _remove_if_no_checkpoint(ckpt_dir)
+        raise
     finally:
         if accelerator.num_processes == 1:  # let a later train() in this process pick another precision
             from accelerate.state import AcceleratorState, GradientState
 
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
+
+
+def _remove_if_no_checkpoint(ckpt_dir: Path) -> None:
+    """A run that failed before its first checkpoint leaves nothing: remove the folder it made (logs only).
+
+    Called only when this run created ``ckpt_dir``; a folder holding a checkpoint stays, to resume from."""
+    import shutil
+
+    from sun_edge.train.checkpoints import list_checkpoints
+
+    if ckpt_dir.is_dir() and not list_checkpoints(ckpt_dir):
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def run(session: Session) -> TrainResult:

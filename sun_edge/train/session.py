@@ -152,6 +152,7 @@ class Session:
         self.step, self.positions = 0, [0] * self.accelerator.num_processes
         self.skipped: dict[str, str] = {}
         self.skipped_count = 0
+        self.upscaled: set[str] = set()  # images smaller than the resolution, warned about once each
         if checkpoint is None:
             return
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -192,6 +193,12 @@ class Session:
                 if name not in self.skipped:
                     self.skipped[name] = reason
                     logger.warning("skipped unreadable image %s: %s", name, reason)
+            for name, (w, h) in batch.get("upscaled", ()):
+                if name not in self.upscaled:
+                    self.upscaled.add(name)
+                    logger.warning("image %s is %dx%d, smaller than the training resolution %d: upscaled to it "
+                                   "(blurry examples teach blur; use larger images or a lower --resolution)",
+                                   name, w, h, self.dataset.resolution)
             if batch["keys"]:
                 return batch
             if misses > len(self.dataset):
