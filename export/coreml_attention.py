@@ -87,6 +87,7 @@ class SplitEinsumSUNAttnProcessor(SUNAttnProcessor):
     """The SUN cross-attention (``sun_edge.adapter.SUNAttnProcessor``) with the split-einsum kernel."""
 
     attend = staticmethod(split_einsum_attend)
+    fused = False  # the Neural Engine form runs its own per-head layout
 
 
 def split_einsum_processors(unet: nn.Module) -> dict[str, Any]:

@@ -109,6 +109,8 @@ class TorchRuntime:
         return cls(loaded.unet, loaded.text_encoder, loaded.vae, sun_adapter, device, DTYPES[precision], info,
                    tiny_decoder=tiny, optimize=optimize)
 
+    max_batch = 1 << 16  # any batch: memory is the limit
+
     def has(self, component: str) -> bool:
         """Whether this runtime computes ``component``: the SUN UNet needs an adapter, TAESD a tiny decoder."""
         if component == "unet":

@@ -133,6 +133,24 @@ def _attend(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return out.transpose(1, 2).reshape(batch, -1, inner)  # [B, N, C]
 
 
+def _attend_stacked(attn: Any, query: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """``Attn(Q, K_i, V_i)`` for several key/value sets in ONE scaled_dot_product_attention call.
+
+    Paper eqs. 4-5 share ``Q``: the sets become extra heads (m sets of H heads: [B, mH, ...]), so
+    Zp, Zn (and the extra-positive Z) cost one attention kernel instead of m. Each head attends
+    only its own keys, so every output equals its separate call up to float rounding.
+    query [B,N,C], each key/value [B,T,C] -> m outputs [B,N,C].
+    """
+    batch, tokens, inner = query.shape
+    heads, m = attn.heads, len(pairs)
+    head_dim = inner // heads
+    q = query.view(batch, tokens, heads, head_dim).transpose(1, 2).repeat(1, m, 1, 1)  # [B, mH, N, d]
+    k = torch.cat([key.view(batch, -1, heads, head_dim).transpose(1, 2) for key, _ in pairs], dim=1)  # [B, mH, T, d]
+    v = torch.cat([value.view(batch, -1, heads, head_dim).transpose(1, 2) for _, value in pairs], dim=1)  # [B, mH, T, d]
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # [B, mH, N, d]
+    return [o.transpose(1, 2).reshape(batch, tokens, inner) for o in out.chunk(m, dim=1)]  # m x [B, N, C]
+
+
 class SUNAttnProcessor:
     """diffusers attention processor for one cross-attention layer with the SUN adapter.
 
@@ -142,9 +160,12 @@ class SUNAttnProcessor:
     processor is a plain object: its weights belong to the ``SUNAdapter`` that made it.
     ``attend`` is the multi-head attention kernel ([B,N,C] query, [B,T,C] key and value ->
     [B,N,C]); exporters substitute a layout of their own (Core ML's split einsum) in a subclass.
+    With ``fused`` (the default) the SUN branches share one attention call over their stacked
+    key/value sets (``_attend_stacked``); a subclass with its own ``attend`` sets it False.
     """
 
     attend = staticmethod(_attend)
+    fused = True
 
     def __init__(self, layer: SUNLayer, num_tokens: int = TEXT_TOKENS) -> None:
         self.layer = layer
@@ -165,15 +186,22 @@ class SUNAttnProcessor:
             raise SunEdgeError(f"SUN attention expects {self.num_tokens} or {2 * self.num_tokens} text tokens, got {tokens}")
         c_pos = encoder_hidden_states[:, : self.num_tokens]  # [B, 77, D]
         query = attn.to_q(hidden_states)  # [B, N, C]
-        z = self.attend(attn, query, attn.to_k(c_pos), attn.to_v(c_pos))  # Zp: [B, N, C]
+        pairs = [(attn.to_k(c_pos), attn.to_v(c_pos))]  # Zp's keys and values: [B, 77, C] each
         if tokens == 2 * self.num_tokens:
             layer = self.layer
             c_neg = encoder_hidden_states[:, self.num_tokens :]  # [B, 77, D]
-            z_neg = self.attend(attn, query, layer.to_k_neg(c_neg), layer.to_v_neg(c_neg))  # [B, N, C]
-            out = z - attention_normalization(z_neg, z, layer.to_k_neg_alpha, layer.to_k_neg_beta)
+            pairs.append((layer.to_k_neg(c_neg), layer.to_v_neg(c_neg)))
             if layer.extra_positive:
-                z_extra = self.attend(attn, query, layer.to_k_extra_pos(c_pos), layer.to_v_extra_pos(c_pos))
-                out = out + attention_normalization(z_extra, z, layer.to_k_extra_pos_alpha, layer.to_k_extra_pos_beta)
+                pairs.append((layer.to_k_extra_pos(c_pos), layer.to_v_extra_pos(c_pos)))
+        if self.fused and len(pairs) > 1:
+            zs = _attend_stacked(attn, query, pairs)  # Zp, Zn[, Z_extra]: [B, N, C] each
+        else:
+            zs = [self.attend(attn, query, key, value) for key, value in pairs]
+        z = zs[0]
+        if len(zs) > 1:
+            out = z - attention_normalization(zs[1], z, layer.to_k_neg_alpha, layer.to_k_neg_beta)
+            if layer.extra_positive:
+                out = out + attention_normalization(zs[2], z, layer.to_k_extra_pos_alpha, layer.to_k_extra_pos_beta)
             z = out
 
         hidden_states = attn.to_out[1](attn.to_out[0](z))  # [B, N, C_out]
@@ -339,7 +367,7 @@ def find_adapter(adapter: str | Path | None, model_path: Path) -> Path | None:
     if adapter is not None:
         path = Path(adapter).expanduser()
         if not path.is_file():
-            raise SunEdgeError(f"adapter file {path} does not exist: pass --adapter PATH to a SUN adapter .safetensors")
+            raise SunEdgeError(f"adapter file {path} does not exist", fix="adapter")
         return path
     shipped = Path(model_path) / BUNDLED_ADAPTER_FILE
     return shipped if shipped.is_file() else None
@@ -347,12 +375,20 @@ def find_adapter(adapter: str | Path | None, model_path: Path) -> Path | None:
 
 def load_adapter(path: Path | str, unet_config: Mapping[str, Any] | None = None) -> SUNAdapter:
     """Read an adapter (either layout, detected from the keys) for a UNet config (default: SD1.5)."""
-    from sun_edge.weights import read_state_dict
+    from sun_edge.weights import read_metadata, read_state_dict
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SunEdgeError(f"adapter {path.name}: expected a .safetensors file")
+    meta = read_metadata(path)  # the released adapter has none; ours say format and format_version
+    if meta.get("format") == FORMAT_NAME and meta.get("format_version") != FORMAT_VERSION:
+        raise SunEdgeError(f"adapter {path.name} has format version {meta.get('format_version')!r}, and this sun-edge "
+                           f"reads version {FORMAT_VERSION}: upgrade sun-edge, or use an adapter saved by this version")
     state = read_state_dict(path)
+    bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if bad:
+        raise SunEdgeError(f"adapter {path.name} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), first "
+                           f"{bad[0]}; the file is damaged or came from a diverged training run")
     return adapter_from_state_dict(state, unet_config if unet_config is not None else sd15_unet_config())
 
 

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spacing", help="trailing, leading or linspace (default: trailing for sun, linspace for cfg)")
     g.add_argument("--guidance", type=float, default=8.0, help="CFG scale for --mode cfg and for --compare's baseline (default 8)")
     g.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds; one image each")
+    g.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="run up to N seeds in one UNet call per step (each image stays the one its seed gives alone; "
+                        "a bundle's graphs cap it at their batch range)")
     g.add_argument("--height", type=int, help="default: the model's own size (SD1.5: 512), or the bundle's with --bundle")
     g.add_argument("--width", type=int, help="default: the model's own size (SD1.5: 512), or the bundle's with --bundle")
     g.add_argument("--noise", choices=["torch", "numpy"], default="torch", help="torch: same noise as diffusers for a seed (default); numpy: NumPy's generator")
@@ -133,6 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_text(args.prompt, "prompt")
     check_text(args.negative_prompt, "negative prompt")
     check_seeds(args.seed)
+    if args.batch < 1:
+        raise SunEdgeError(f"--batch must be at least 1, got {args.batch}")
     overrides = {"steps": args.steps, "scheduler": args.scheduler, "spacing": args.spacing, "height": args.height,
                  "width": args.width}
     common = {"guidance": args.guidance, "noise": args.noise}
@@ -173,7 +178,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.update(1 if done else 0)
 
     try:
-        results = [pipe.generate(args.prompt, args.negative_prompt, seeds=args.seed, settings=s, progress=progress) for s in runs]
+        results = [pipe.generate(args.prompt, args.negative_prompt, seeds=args.seed, settings=s, progress=progress,
+                                 max_batch=args.batch) for s in runs]
     finally:
         if bar is not None:
             bar.close()

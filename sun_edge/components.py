@@ -155,12 +155,14 @@ class Runtime(Protocol):
     model without an adapter lacks ``unet``); a method whose component is missing raises a
     ``SunEdgeError`` naming it. ``decode`` runs the chosen decoder (``decode_full`` or ``decode_tiny``).
     ``release(name)`` frees what a component holds (sessions, weights); the next call loads it again.
+    Batched calls take ``[B, ...]`` for B up to ``max_batch`` (``unet_plain``: 2B, the CFG pair).
     """
 
     name: str
     info: dict[str, Any]
     latent_channels: int
     vae_scale_factor: int
+    max_batch: int  # the most images one ``unet`` call takes (a bundle's graphs: their batch range)
 
     def has(self, component: str) -> bool: ...
     def encode_text(self, ids: np.ndarray) -> np.ndarray: ...

@@ -22,8 +22,17 @@ from sun_edge.settings import Mode, NoiseKind, Settings, check_finite, check_see
 from sun_edge.errors import SunEdgeError
 from sun_edge.tokenizer import CLIPTokenizer
 
-__all__ = ["Generated", "Mode", "Pipeline", "Runtime", "Settings"]
+__all__ = ["Generated", "Job", "Mode", "Pipeline", "Runtime", "Settings"]
 
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make: its prompt, negative prompt and seed."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
 
 
 @dataclass
@@ -39,6 +48,7 @@ class Generated:
     unet_calls: int
     unet_seconds: float  # time inside the UNet calls (the CFG combination included)
     fields: dict[str, Any] = field(default_factory=dict)
+    batch: int = 1  # images that shared its UNet calls (seconds and unet_seconds are its share)
 
     @property
     def parameters(self) -> str:
@@ -71,11 +81,11 @@ class Pipeline:
             if not self.runtime.has("unet_plain"):
                 raise SunEdgeError(f"runtime {self.runtime.name} has no UNet without the adapter; CFG mode needs one")
             plain = self.runtime.unet_plain
-            context = np.concatenate([neg, pos])  # [2, 77, D]
+            context, b = np.concatenate([neg, pos]), len(pos)  # [2B, 77, D]: every negative, then every positive
 
             def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
-                both = plain(np.concatenate([latents, latents]), t, context)  # [2, 4, h, w]
-                return sampling.cfg_combine(both[:1], both[1:], settings.guidance)
+                both = plain(np.concatenate([latents, latents]), t, context)  # [2B, 4, h, w]
+                return sampling.cfg_combine(both[:b], both[b:], settings.guidance)
         return _Meter(eps)
 
     def warm_up(self, settings: Settings) -> None:
@@ -85,35 +95,61 @@ class Pipeline:
         self.eps_fn(emb, emb, settings)(latents, np.array([999.0], np.float32))
 
     def generate(self, prompt: str, negative_prompt: str = "", *, seeds: Sequence[int] = (0,),
-                 settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None) -> list[Generated]:
-        """One image per seed. ``progress(done, total)`` is called once before the first UNet step, then after each."""
+                 settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None,
+                 max_batch: int = 1) -> list[Generated]:
+        """One image per seed, ``max_batch`` seeds per UNet call (see ``generate_batch``)."""
+        return self.generate_batch([Job(prompt, negative_prompt, seed) for seed in seeds], settings=settings,
+                                   progress=progress, max_batch=max_batch)
+
+    def generate_batch(self, jobs: Sequence[Job], *, settings: Settings = Settings(),
+                       progress: Callable[[int, int], None] | None = None, max_batch: int = 1) -> list[Generated]:
+        """One image per job, each with its own prompt, negative prompt and seed, in job order.
+
+        Up to ``max_batch`` jobs (and at most the runtime's ``max_batch``) share each UNet call: their
+        latents, noise and text embeddings are stacked on the batch axis, and since nothing in a
+        runtime mixes batch items (the adapter's norms are per sample), image k is the image job k
+        gives alone. The VAE decodes one image at a time. ``progress(done, total)`` is called once
+        before the first UNet step, then after each (a batched step counts once per image).
+        """
         settings.validate()
-        check_text(prompt, "prompt")
-        check_text(negative_prompt, "negative prompt")
-        check_seeds(seeds)
-        total, done = len(seeds) * settings.steps, 0
-        results = []
-        pos, neg = self.embed(prompt), self.embed(negative_prompt)  # once for all seeds
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise SunEdgeError(f"max_batch must be a positive whole number, got {max_batch!r}")
+        for job in jobs:
+            check_text(job.prompt, "prompt")
+            check_text(job.negative_prompt, "negative prompt")
+        check_seeds([job.seed for job in jobs])
+        limit = min(max_batch, self.runtime.max_batch)
+        total, done = len(jobs) * settings.steps, 0
+        texts = {text for job in jobs for text in (job.prompt, job.negative_prompt)}
+        embedded = {text: self.embed(text) for text in sorted(texts)}  # [1, 77, D] each, once per distinct text
         if progress is not None:
             progress(0, total)  # text encoded: sampling starts
-        for seed in seeds:
+        results: list[Generated] = []
+        for first in range(0, len(jobs), limit):
+            group = list(jobs[first:first + limit])
             start = time.perf_counter()
+            pos = np.concatenate([embedded[job.prompt] for job in group])  # [B, 77, D]
+            neg = np.concatenate([embedded[job.negative_prompt] for job in group])  # [B, 77, D]
             meter = self.eps_fn(pos, neg, settings)
 
-            def step_done(*_: Any) -> None:
+            def step_done(*_: Any, n: int = len(group)) -> None:
                 nonlocal done
-                done += 1
+                done += n
                 if progress is not None:
                     progress(done, total)
 
-            latents = sampling.sample(meter, self.initial_latents(seed, settings), steps=settings.steps,
-                                      scheduler=settings.scheduler, spacing=settings.spacing, progress=step_done)
+            x = np.concatenate([self.initial_latents(job.seed, settings) for job in group])  # [B, 4, h, w]
+            latents = sampling.sample(meter, x, steps=settings.steps, scheduler=settings.scheduler,
+                                      spacing=settings.spacing, progress=step_done)
             check_finite(latents, "the final latents", "the UNet")
-            pixels = check_finite(self.runtime.decode(latents.astype(np.float32)), "the image", "the VAE decoder")
-            image = imaging.to_pil(pixels[0])
-            seconds = time.perf_counter() - start
-            results.append(Generated(image, seed, prompt, negative_prompt, settings, seconds, meter.calls,
-                                     meter.seconds, self._fields(seed, settings)))
+            images = []
+            for k in range(len(group)):
+                pixels = self.runtime.decode(latents[k:k + 1].astype(np.float32))  # [1, 3, H, W]
+                images.append(imaging.to_pil(check_finite(pixels, "the image", "the VAE decoder")[0]))
+            seconds, b = time.perf_counter() - start, len(group)
+            results += [Generated(image, job.seed, job.prompt, job.negative_prompt, settings, seconds / b, meter.calls,
+                                  meter.seconds / b, self._fields(job.seed, settings), batch=b)
+                        for job, image in zip(group, images)]
         return results
 
     def _fields(self, seed: int, settings: Settings) -> dict[str, Any]:

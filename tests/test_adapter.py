@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -213,3 +214,29 @@ def test_save_is_atomic_on_failure(tmp_path, tiny, monkeypatch):
     with pytest.raises(OSError):
         save_adapter(adapter, tmp_path / "a.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_fused_attention_equals_separate_calls(tiny, extra, monkeypatch):
+    """One attention call over the stacked key/value sets (issue 15) computes what separate calls do."""
+    unet = copy.deepcopy(tiny["unet"])
+    model = SUNUNet(unet, SUNAdapter.from_unet(unet, extra_positive=extra).randomize_(5)).eval()
+    torch.manual_seed(2)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([499])
+    pos, neg = torch.randn(2, 77, 32), torch.randn(2, 77, 32) * 3
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    with torch.no_grad():
+        fused = model(x, t, pos, neg)
+        fused_calls, calls[:] = len(calls), []
+        monkeypatch.setattr(SUNAttnProcessor, "fused", False)
+        separate = model(x, t, pos, neg)
+    assert fused_calls < len(calls)  # fewer attention kernels: one per SUN layer instead of 2 (3 with extra)
+    scale = separate.abs().max().item()
+    assert (fused - separate).abs().max().item() <= 1e-5 * scale
