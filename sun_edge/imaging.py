@@ -10,8 +10,6 @@ sharing sites read::
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from sun_edge.errors import SunEdgeError
+from sun_edge.files import write_with
 
 # A1111 sampler names for our schedulers.
 SAMPLER_LABELS = {"dpmpp_2m": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler"}
@@ -60,7 +59,7 @@ def read_parameters(path: Path) -> str | None:
 
 
 def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
-    """Write a PNG atomically (temp file, then rename), with the ``parameters`` chunk if given."""
+    """Write a PNG atomically (``sun_edge.files``: mode as the umask says), with the ``parameters`` chunk if given."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise SunEdgeError(f"output {path} must end in .png")
@@ -69,15 +68,7 @@ def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> P
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_with(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

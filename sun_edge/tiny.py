@@ -13,9 +13,6 @@ as a diffusers folder under the models directory, and the adapter beside it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -101,34 +98,28 @@ def write_diffusers_folder(components: dict[str, Any], dst: Path) -> None:
     (dst / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def make_tiny_model(dst: Path, seed: int = TINY_SEED) -> Path:
-    """Write the tiny model folder and its adapter to ``dst`` (which must not exist) atomically."""
+def make_tiny_model(dst: Path, seed: int = TINY_SEED, *, replace: bool = False) -> Path:
+    """Write the tiny model folder and its adapter to ``dst`` atomically (``replace``: over an existing one)."""
     import torch
 
     from sun_edge.adapter import BUNDLED_ADAPTER_FILE, SUNAdapter, save_adapter
+    from sun_edge.files import atomic_directory
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_directory(dst, replace=replace) as tmp:  # mode as the umask says, not mkdtemp's 0700
         components = build_tiny_components(seed)
         write_diffusers_folder(components, tmp)
         torch.manual_seed(seed + 2)
         adapter = SUNAdapter.from_unet(components["unet"], extra_positive=False)
         adapter.randomize_(seed + 3)
         save_adapter(adapter, tmp / BUNDLED_ADAPTER_FILE)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
 def ensure_tiny_random(models_dir: Path) -> Path:
-    """Return the tiny model's folder under ``models_dir``, generating it on first use."""
+    """Return the tiny model's folder under ``models_dir``, generating it on first use (or over an incomplete one)."""
     dst = Path(models_dir) / TINY_NAME
     if not (dst / "unet" / "config.json").is_file():
-        if dst.exists():
-            shutil.rmtree(dst)
-        make_tiny_model(dst)
+        make_tiny_model(dst, replace=dst.is_dir() and not dst.is_symlink())
     return dst

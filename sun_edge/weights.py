@@ -13,13 +13,13 @@ and are renamed into place, so a failed write never leaves a half file behind.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sun_edge.errors import SunEdgeError, first_line
+from sun_edge.files import write_with
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +79,19 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise _corrupt(path, error) from error
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a ``.safetensors`` file's header (empty if it has none), reading no tensor data."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:
+        raise _corrupt(path, error) from error
+
+
 def read_state_dict(
     path: Path,
     *,
@@ -117,28 +130,83 @@ def _read_safetensors(path: Path, prefixes: Sequence[str] | None) -> dict[str, t
         raise _corrupt(path, error) from error
 
 
+_BLOCKED_GLOBAL = re.compile(r"unsupported global:? GLOBAL ([^\s,]+)", re.IGNORECASE)  # torch 2.4 to 2.13 wordings
+
+
+def _holds_code(path: Path, error: BaseException) -> str | None:
+    """The callable or class a pickle that ``torch.load(weights_only=True)`` refused imports, or None.
+
+    torch names it in its message (``Unsupported global: GLOBAL __main__.C`` for a class,
+    ``unsupported GLOBAL posix.system whose module posix is blocked`` for ``os.system``); a plain
+    ``pickle.dumps`` file (protocol 4 and up) fails earlier, on an opcode, so its globals are read
+    with ``pickletools`` (no code runs): the first one outside ``torch`` and ``collections``.
+    """
+    import pickletools
+    import zipfile
+
+    found = _BLOCKED_GLOBAL.search(str(error))
+    if found is not None:
+        return found.group(1).rstrip(".")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return None
+                with archive.open(name) as stream:
+                    return _first_foreign_global(pickletools.genops(stream))
+        with open(path, "rb") as stream:
+            return _first_foreign_global(pickletools.genops(stream))
+    except Exception:  # not a pickle after all (random bytes): no opcode stream to read
+        return None
+
+
+def _first_foreign_global(ops) -> str | None:
+    recent: list[object] = []  # values the string and memo-get opcodes pushed, for STACK_GLOBAL
+    memo: dict[int, object] = {}
+    for op, arg, _ in ops:
+        name = None
+        if op.name in ("GLOBAL", "INST"):
+            name = str(arg).replace(" ", ".")
+        elif op.name == "STACK_GLOBAL" and len(recent) >= 2:
+            name = f"{recent[-2]}.{recent[-1]}"
+        elif "UNICODE" in op.name or "STRING" in op.name:
+            recent.append(arg)
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            recent.append(memo.get(int(arg)))
+        elif op.name == "MEMOIZE" and recent:
+            memo[len(memo)] = recent[-1]
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT") and recent:
+            memo[int(arg)] = recent[-1]
+        if name is not None and not name.startswith(("torch.", "collections.", "_codecs.")):
+            return name
+    return None
+
+
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     import pickle
-    import re
+    import warnings
 
     import torch
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": the error below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if found is None:  # not a pickle at all: random or damaged bytes
+        code = _holds_code(path, error)
+        if code is None:  # not a pickle at all: random or damaged bytes
             raise SunEdgeError(
                 f"cannot read {path.name}: file is truncated or not a PyTorch checkpoint; re-download it"
             ) from error
         raise SunEdgeError(
-            f"cannot load {path.name} safely: it holds objects other than tensors ({found.group(1)}); "
-            "convert it to .safetensors with a tool you trust"
+            f"cannot load {path.name} safely: it holds code, not only tensors (it imports {code}), which loading "
+            "would run; use a .safetensors file instead, or convert this one with a tool you trust"
         ) from error
     except Exception as error:  # zip and EOF errors from a damaged file
         raise SunEdgeError(
             f"cannot read {path.name}: file is truncated or not a PyTorch checkpoint "
-            f"({first_line(error)}); re-download it"
+            f"({first_line(error).split('. ')[0]}); re-download it"
         ) from error
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
@@ -168,9 +236,9 @@ def write_safetensors_atomic(
 ) -> None:
     """Write ``tensors`` to ``path`` as safetensors, atomically.
 
-    The data goes to a temporary file in the same directory, which is renamed over
-    ``path`` only once complete; on any failure the temporary file is removed and
-    ``path`` is left as it was.
+    The data goes to a partial file in the same directory (``sun_edge.files``: its mode
+    as the umask says), which is renamed over ``path`` only once complete; on any failure
+    the partial is removed and ``path`` is left as it was.
     """
     from safetensors.torch import save_file
 
@@ -180,14 +248,6 @@ def write_safetensors_atomic(
         if bad:
             raise TypeError(f"safetensors metadata must map str to str; bad entries: {bad[:3]}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        contiguous = {key: value.detach().contiguous() for key, value in tensors.items()}
-        save_file(contiguous, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    contiguous = {key: value.detach().contiguous() for key, value in tensors.items()}
+    write_with(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 

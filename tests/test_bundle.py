@@ -10,53 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from bundle_helpers import leftovers, make_manifest, write_bundle
 from no_torch import run_without_torch
-from sun_edge.bundle import (
-    MANIFEST,
-    Component,
-    Manifest,
-    TensorSpec,
-    bundle_writer,
-    describe_files,
-    open_bundle,
-    write_manifest,
-)
+from sun_edge.bundle import MANIFEST, bundle_writer, open_bundle, write_manifest
 from sun_edge.errors import SunEdgeError
-
-
-def make_manifest(directory: Path) -> Manifest:
-    """A small valid manifest whose one component file is written into ``directory``."""
-    (directory / "g.onnx").write_bytes(b"graph bytes")
-    (directory / "vocab.json").write_text("{}")
-    (directory / "merges.txt").write_text("")
-    sizes, hashes = describe_files(directory, ["g.onnx"])
-    comp = Component("g.onnx", (TensorSpec("x", "float32", (1, 4, 8, 8)),), (TensorSpec("y", "float32", (-1, 4)),),
-                     "fp16", sizes, hashes)
-    return Manifest(target="onnx", precision="fp16", image={"height": 64, "width": 64},
-                    latent={"channels": 4, "height": 8, "width": 8, "scaling_factor": 0.18215}, text={"tokens": 77, "dim": 32},
-                    components={"g": comp}, model={"name": "m", "sha256": "0" * 64, "path": "m", "loras": []},
-                    adapter={"name": "a", "sha256": "1" * 64}, scheduler={"name": "ddim", "spacing": "trailing", "steps": 4},
-                    baseline={"name": "dpmpp_2m", "spacing": "linspace", "steps": 25, "guidance": 8.0},
-                    tokenizer={"vocab": "vocab.json", "merges": "merges.txt"}, sun_edge_version="0.1.0")
-
-
-def write_bundle(out: Path, force: bool = False) -> Manifest:
-    with bundle_writer(out, force) as tmp:
-        manifest = make_manifest(tmp)
-        write_manifest(tmp, manifest)
-    return manifest
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
 def test_manifest_round_trips_through_json(tmp_path):
     manifest = write_bundle(tmp_path / "b")
     opened = open_bundle(tmp_path / "b")
     assert opened.manifest == manifest
-    assert opened.file("g") == tmp_path / "b" / "g.onnx"
-    assert opened.manifest.components["g"].input("x").shape == (1, 4, 8, 8)
+    assert opened.file("unet") == tmp_path / "b" / "unet.onnx"
+    assert opened.manifest.components["unet"].input("sample").shape == (1, 4, 8, 8)
     opened.verify_hashes()
 
 
@@ -75,32 +40,33 @@ def test_bundle_writer_renames_into_place_only_when_complete(tmp_path):
 def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with bundle_writer(tmp_path / "b") as tmp:
-            (tmp / "g.onnx").write_bytes(b"half")
+            (tmp / "unet.onnx").write_bytes(b"half")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(SunEdgeError, match="without writing manifest.json"):
         with bundle_writer(tmp_path / "b") as tmp:
-            (tmp / "g.onnx").write_bytes(b"no manifest")
+            (tmp / "unet.onnx").write_bytes(b"no manifest")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_destination_needs_force(tmp_path):
     out = tmp_path / "b"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    write_bundle(out)
+    (out / "unet.onnx").write_bytes(b"old")
     ran = []
     with pytest.raises(SunEdgeError, match=r"already exists; pass --force to replace it"):
         with bundle_writer(out) as tmp:
             ran.append(tmp)
-    assert ran == [] and (out / "old.txt").read_text() == "old" and leftovers(tmp_path) == []
+    assert ran == [] and (out / "unet.onnx").read_bytes() == b"old" and leftovers(tmp_path) == []
 
     with pytest.raises(RuntimeError):  # with force, a failure keeps the old bundle
         with bundle_writer(out, force=True):
             raise RuntimeError("boom")
-    assert (out / "old.txt").read_text() == "old" and leftovers(tmp_path) == []
+    assert (out / "unet.onnx").read_bytes() == b"old" and leftovers(tmp_path) == []
 
     write_bundle(out, force=True)
-    assert not (out / "old.txt").exists() and (out / MANIFEST).is_file() and leftovers(tmp_path) == []
+    assert (out / "unet.onnx").read_bytes() != b"old" and (out / MANIFEST).is_file() and leftovers(tmp_path) == []
+    open_bundle(out, verify="full")
 
 
 def test_destination_folder_must_exist(tmp_path):
@@ -125,9 +91,10 @@ def edit(bundle: Path, change) -> None:
     (lambda d: d.update(format="other"), "is not a sun-edge bundle manifest"),
     (lambda d: d.update(format_version=2), "bundle format version 2 is not supported .*re-export the bundle"),
     (lambda d: d.pop("components"), "missing field.* components; the manifest was edited or is incomplete"),
-    (lambda d: d["components"]["g"].pop("inputs"), "malformed components entry"),
-    (lambda d: d["components"]["g"]["files"].update({"g.onnx": 3}), "g.onnx has 11 bytes, the manifest says 3"),
-    (lambda d: d["components"]["g"]["files"].update({"g.onnx.data": 3}), "is missing g.onnx.data; re-export it"),
+    (lambda d: d["components"]["unet"].pop("inputs"), "components.unet has no inputs; .*re-export the bundle"),
+    (lambda d: d["components"]["unet"]["files"].update({"unet.onnx": 3}), "unet.onnx has 1280 bytes, the manifest says 3"),
+    (lambda d: (d["components"]["unet"]["files"].update({"unet.onnx.data": 3}),
+                d["components"]["unet"]["sha256"].update({"unet.onnx.data": "2" * 64})), "is missing unet.onnx.data; re-export it"),
 ])
 def test_open_bundle_errors_name_the_problem(bundle, change, message):
     edit(bundle, change)
@@ -149,22 +116,24 @@ def test_open_bundle_path_problems(tmp_path, bundle):
 
 
 def test_changed_files_fail_the_hash_check(bundle):
-    opened = open_bundle(bundle)
-    (bundle / "g.onnx").write_bytes(b"graph bytez")  # same size
+    opened = open_bundle(bundle, verify="sizes")
+    data = bytearray((bundle / "unet.onnx").read_bytes())
+    data[len(data) // 2] ^= 1  # same size
+    (bundle / "unet.onnx").write_bytes(bytes(data))
     with pytest.raises(SunEdgeError, match="does not match the sha256"):
         opened.verify_hashes()
-    with pytest.raises(SunEdgeError, match="has no unet component; it has: g"):
-        opened.file("unet")
+    with pytest.raises(SunEdgeError, match="has no unet_plain component; it has: text_encoder, unet, vae_decoder"):
+        opened.file("unet_plain")
 
 
 def test_manifest_json_is_plain_data(bundle):
     data = json.loads((bundle / MANIFEST).read_text())
-    assert data["components"]["g"]["outputs"][0] == {"name": "y", "dtype": "float32", "shape": [-1, 4]}
-    assert replace(open_bundle(bundle).manifest, parity={"g": 1.0}).parity == {"g": 1.0}
+    assert data["components"]["unet"]["outputs"][0] == {"name": "noise_pred", "dtype": "float32", "shape": [1, 4, 8, 8]}
+    assert replace(open_bundle(bundle).manifest, parity={"unet": 1.0}).parity == {"unet": 1.0}
 
 
 def test_bundle_module_imports_no_torch(bundle):
     run_without_torch(f"""
         from sun_edge.bundle import open_bundle
-        assert open_bundle({str(bundle)!r}).manifest.target == "onnx"
+        assert open_bundle({str(bundle)!r}, verify="full").manifest.target == "onnx"
     """)

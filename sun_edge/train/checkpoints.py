@@ -8,9 +8,10 @@ A checkpoint is a folder ``step-NNNNNNNN/`` in the checkpoint directory::
     rng.pt                python, numpy, torch (and CUDA) generator states of the main process
     state.json            step, per-process data positions, skipped images, the run's config
 
-It is written into ``.tmp-step-NNNNNNNN-<pid>/`` and renamed into place when complete, so a
-run killed while saving leaves no folder that looks like a checkpoint; leftovers are removed
-when the next run starts. Only the main process writes. The data order and each micro-step's
+It is written into a partial folder ``.step-NNNNNNNN.partial-<pid>-<hex>/`` and renamed into
+place when complete (``sun_edge.files.atomic_directory``), so a run killed while saving leaves
+no folder that looks like a checkpoint; leftovers are removed when the next run starts.
+Only the main process writes. The data order and each micro-step's
 noise are pure functions of (seed, position, step, process), so the other processes need
 nothing else to resume; with several machines the directory must be on a shared filesystem.
 """
@@ -18,7 +19,6 @@ nothing else to resume; with several machines the directory must be on a shared 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -31,6 +31,7 @@ import torch
 
 from sun_edge.adapter import SUNAdapter, load_adapter, save_adapter
 from sun_edge.errors import SunEdgeError
+from sun_edge.files import atomic_directory
 
 FORMAT_NAME = "sun-edge-train-checkpoint"
 FORMAT_VERSION = 1
@@ -77,10 +78,13 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def remove_partial(directory: Path) -> None:
-    """Delete the temporary folders a killed save left behind."""
+    """Delete what a killed save left behind: stale partials (``sun_edge.files``) and the folders of sun-edge < 0.2."""
+    from sun_edge.files import clean_stale_partials
+
     if Path(directory).is_dir():
+        clean_stale_partials(directory)
         for child in Path(directory).iterdir():
-            if child.name.startswith((".tmp-step-", ".old-step-")) and child.is_dir():
+            if child.name.startswith((".tmp-step-", ".old-step-")) and child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
 
 
@@ -113,10 +117,7 @@ def save_checkpoint(directory: Path, step: int, *, adapter: SUNAdapter, optimize
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / checkpoint_name(step)
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(final, replace=True) as tmp:  # replace: re-saving a step (a resumed run with nothing left to do)
         save_adapter(adapter, tmp / ADAPTER_FILE)
         torch.save(optimizer, tmp / "optimizer.pt")
         if scaler is not None:
@@ -124,14 +125,6 @@ def save_checkpoint(directory: Path, step: int, *, adapter: SUNAdapter, optimize
         torch.save(capture_rng(), tmp / "rng.pt")
         body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step, **state}
         (tmp / "state.json").write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
-        old = directory / f".old-{final.name}-{os.getpid()}"
-        if final.exists():  # re-saving a step (a resumed run that had nothing left to do)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, path in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
