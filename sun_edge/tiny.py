@@ -1,9 +1,9 @@
-"""The bundled default model: a tiny random SD1.5-architecture model and a matching adapter.
+"""``tiny-random``: the smallest SD1.5-architecture model, random weights, and a matching adapter.
 
-Until trained small models ship, ``--model tiny-random`` lets every command run on a fresh
-machine in seconds. Its weights are random (seeded), so its images are noise: it proves the
-plumbing, not the method. The architecture follows SD1.5's classes and wiring (UNet2DCondition
-with cross-attention in three down and three up blocks and the mid block, CLIPTextModel with
+``--model tiny-random`` lets every command run in seconds, and the tests use it everywhere.
+Its weights are random (seeded), so its images are noise: it proves the plumbing, not the
+method (the trained default model is the shipped ``pocket-base``). The architecture follows
+SD1.5's classes and wiring (UNet2DCondition with cross-attention in three down and three up blocks and the mid block, CLIPTextModel with
 the real CLIP vocabulary, AutoencoderKL with a factor-8 latent space), only narrower.
 
 The model is generated, not shipped: ``ensure_tiny_random(home)`` writes it once, atomically,

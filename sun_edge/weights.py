@@ -52,9 +52,7 @@ def is_pickle_file(path: Path) -> bool:
 
 def _refuse_pickle(path: Path) -> SunEdgeError:
     return SunEdgeError(
-        f"refusing to load pickle checkpoint {path.name}: pickle files can run code; "
-        "convert it to .safetensors or pass --allow-pickle if you trust it"
-    )
+        f"refusing to load pickle checkpoint {path.name}: pickle files can run code", fix="allow_pickle")
 
 
 def _corrupt(path: Path, error: BaseException) -> SunEdgeError:
