@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_make.add_export_parser(sub, _add_model_args)
     cli_make.add_build_engines_parser(sub)
     _add_check_parsers(sub)
+    _add_serve_parsers(sub)
     cli_make.add_train_parser(sub)
     cli_make.add_eval_parser(sub)
     return parser
@@ -354,8 +355,30 @@ CLI_FIXES = {
     "allow_pickle": "; convert it to .safetensors or pass --allow-pickle if you trust it",
 }
 
+def _add_serve_parsers(sub: Any) -> None:
+    """``serve`` and ``bench-serve`` (apps/server: argparse only here; FastAPI loads when the command runs)."""
+    from sun_edge_server.cli_args import add_serve_parsers
+
+    add_serve_parsers(sub, DEFAULT_MODEL)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from sun_edge_server.serve import cmd_serve as serve
+    except ImportError as e:
+        raise SunEdgeError(f"sun-edge serve needs the server extra ({e.name} is missing): "
+                           'pip install "sun-edge[server]"') from e
+    return serve(args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from sun_edge_server.loadtest import cmd_bench_serve as bench
+
+    return bench(args)
+
+
 COMMANDS = {"generate": cmd_generate, "models": cmd_models, "adapter": cmd_adapter, "parity": cmd_parity, "bench": cmd_bench,
-            **cli_make.COMMANDS}
+            "serve": cmd_serve, "bench-serve": cmd_bench_serve, **cli_make.COMMANDS}
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
