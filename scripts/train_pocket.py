@@ -4,6 +4,7 @@
                                    [--stages data vae base toon classifier sun sun-p0 sun-p0.25]
                                    [--time-box STAGE=SECONDS ...] [--no-cuda-graph] [--quick]
                                    [--threads N] [--scale X] [--save-precision fp16|fp32]
+                                   [--base MODEL] [--adapter-steps N] [--adapter-lr LR]
 
 scripts/train_pocket_gpu.sh runs the GPU plan the shipped family came from (toon and the three
 adapters side by side); docs/pocket.md says how the shipped weights were made.
@@ -25,6 +26,12 @@ Stages, in order, each writing one output under OUT_DIR and skipped when it alre
     sun-p0      adapters/sun-p0.safetensors     the same with MSC p = 0    (paper Table 4)
     sun-p0.25   adapters/sun-p0.25.safetensors  the same with MSC p = 0.25 (paper Table 4)
 
+The adapters alone, on the shipped base (the CPU recipe docs/pocket.md records; one adapter stage
+resumes exactly from its checkpoints when its output is deleted and ``--adapter-steps`` raised):
+
+    python scripts/train_pocket.py OUT --stages data base --base pocket-base
+    python scripts/train_pocket.py OUT --stages sun --adapter-steps 400 --threads 1
+
 Every stage that runs appends one JSON line to OUT_DIR/log.jsonl (stage, output, steps,
 batch size, seconds, final loss, ...). ``--quick`` shrinks every stage to seconds: a smoke
 test of the whole chain, not a usable model. Runs offline on a CPU or with ``--device cuda``.
@@ -45,7 +52,22 @@ from typing import Any
 STAGES = ("data", "vae", "base", "toon", "classifier", "sun", "sun-p0", "sun-p0.25")
 WORLD_SEED = 0  # the training world; the classifier evaluates on world.HELD_OUT-shifted seeds
 ADAPTER_P = {"sun": 0.1, "sun-p0": 0.0, "sun-p0.25": 0.25}
-NEGATIVE_PHRASES = 3  # 0..3 world phrases per training example (the paper: 0..100 of 832 SD phrases)
+# Negatives: 0 or 1 of the world's 26 attribute phrases (world.attribute_negatives: a colour, a shape, a
+# size, a count, a background) per training example, so half the examples see the empty negative and
+# half one attribute. The paper joins 0..100 of 832 SD phrases; the first shipped adapter drew 0..3 of
+# 58 world phrases (most of them colour-shape pairs) and learnt almost no steering (docs/pocket.md).
+NEGATIVE_PHRASES = 1
+# The adapter's AdamW learning rate. The paper's 1e-4 (for SD1.5, batch 32, 5k steps) left the first
+# shipped adapter's weights at their initialisation after ~1400 steps (alpha 1.00 +- 0.02, beta
+# 0.00 +- 0.02, to_k_neg/to_v_neg std 0.10-0.11 as initialised): this 44k-parameter adapter needs more.
+ADAPTER_LR = 1e-3
+# The adapter's starting point (sun_edge.pocket.adapter_init): every branch copies its layer's own
+# to_k/to_v, alpha 0.5, with the extra-positive branch (as the released SD1.5 adapter has), so that
+# at step 0 the adapter is classifier-free guidance written in attention space, 1.5 Zp - 0.5 Zn'.
+# Untrained, that already lands nearer the CFG-25 images than the first shipped adapter (16 prompts:
+# PSNR 20.3 against 18.3 dB); SUNAdapter.from_unet's random negative branch subtracts noise instead.
+ADAPTER_INIT_ALPHA = 0.5
+EXTRA_POSITIVE = True
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,7 @@ class Plan:
     classifier: tuple[int, int]
     classifier_pool: int
     adapter: tuple[int, int]
+    adapter_lr: float = ADAPTER_LR
     vae_lr: float = 1e-3
     base_lr: float = 1e-3
     toon_lr: float = 2e-4
@@ -77,7 +100,7 @@ class Plan:
 # That is the recipe in miniature, not enough to learn the prompts: ~64k base samples leave colour
 # and background at chance (docs/pocket.md); the shipped family needed ~4M (the GPU plan).
 FULL = Plan(plain_images=8000, toon_images=4000, vae=(1500, 16), base=(2000, 32), toon=(400, 32),
-            classifier=(600, 64), classifier_pool=8192, adapter=(400, 4))
+            classifier=(600, 64), classifier_pool=8192, adapter=(3000, 8))
 # For a lent GPU (H100/H200): larger batches, each stage time-boxed (the log records the steps run).
 # Diffusion stages replay one captured CUDA graph per step (train_family._GraphedStep) in fp32 with
 # the data on the GPU. Measured on an H200: 0.114 s a step at batch 1024 (the GPU busy; the first,
@@ -186,6 +209,14 @@ def _load_vae(out: Path) -> Any:
 
 def run_base(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     from sun_edge.pocket.family import build_components, describe, write_model
+
+    if args.base is not None:  # a trained base (e.g. the shipped one): copied, its adapter file left out
+        from sun_edge.adapter import BUNDLED_ADAPTER_FILE
+        from sun_edge.models import resolve_model
+
+        source = resolve_model(args.base)
+        shutil.copytree(source, outputs(out)["base"], ignore=shutil.ignore_patterns(BUNDLED_ADAPTER_FILE))
+        return {"copied_from": str(source)}
     from sun_edge.pocket.train_family import ImageCaptions, train_base
 
     data = ImageCaptions.from_folder(outputs(out)["data"] / "plain")
@@ -231,15 +262,30 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
     dst = outputs(out)[stage]
     dst.parent.mkdir(parents=True, exist_ok=True)
     steps, batch = plan.adapter
-    from sun_edge.pocket.world import negative_phrases
+    from sun_edge.pocket.world import attribute_negatives
 
-    pool = out / "negative_phrases.txt"  # the world's words: the pocket text encoder knows no others
+    pool = out / "negative_phrases.txt"  # the world's attributes: the pocket text encoder knows no other words
     tmp = pool.with_name(f".{pool.name}.{os.getpid()}")  # adapter stages may run side by side: replace atomically
-    tmp.write_text("\n".join(negative_phrases()) + "\n")
+    tmp.write_text("\n".join(attribute_negatives()) + "\n")
     os.replace(tmp, pool)
+    init = dst.with_name(f"init-alpha{ADAPTER_INIT_ALPHA:g}.safetensors")  # the same start for every adapter stage
+    if not init.is_file():
+        import torch
+
+        from sun_edge.adapter import save_adapter
+        from sun_edge.models import load_model
+        from sun_edge.pocket.adapter_init import adapter_from_cross_attention
+
+        unet = load_model(str(outputs(out)["base"])).unet
+        start = adapter_from_cross_attention(unet, alpha=ADAPTER_INIT_ALPHA, extra_positive=EXTRA_POSITIVE)
+        tmp_init = init.with_name(f".{init.name}.{os.getpid()}")
+        save_adapter(start, tmp_init, dtype=torch.float32)
+        os.replace(tmp_init, init)
     config = TrainConfig(model=str(outputs(out)["base"]), data=outputs(out)["data"] / "plain", output=dst,
+                         init_adapter=init, extra_positive=EXTRA_POSITIVE,
                          negative_pool=pool, max_negative_phrases=NEGATIVE_PHRASES,
                          resolution=64, batch_size=batch, max_steps=steps, msc_probability=ADAPTER_P[stage],
+                         learning_rate=plan.adapter_lr, checkpoint_every=250, keep_checkpoints=3,
                          seed=args.seed, cpu=args.device == "cpu", max_seconds=time_box(stage, args),
                          num_workers=0 if args.device == "cpu" else 2,
                          mixed_precision="bf16" if args.precision == "bf16" else "no",
@@ -256,7 +302,9 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
     return {"steps": result.steps, "batch_size": batch, "seconds": round(seconds, 2),
             "seconds_per_step": round(sum(h.seconds for h in result.history) / max(1, len(result.history)), 4),
             "final_loss": last,
-            "msc_probability": ADAPTER_P[stage], "resolution": 64, "examples_per_second": result.examples_per_second}
+            "msc_probability": ADAPTER_P[stage], "resolution": 64, "learning_rate": plan.adapter_lr,
+            "negatives": f"0..{NEGATIVE_PHRASES} of world.attribute_negatives()", "start_step": result.start_step,
+            "init": f"adapter_from_cross_attention(alpha={ADAPTER_INIT_ALPHA:g}, extra_positive={EXTRA_POSITIVE})", "examples_per_second": result.examples_per_second}
 
 
 def run_stage(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
@@ -283,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), metavar="STAGE",
                         help=f"stages to run, in the fixed order: {' '.join(STAGES)} (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", metavar="MODEL",
+                        help="base stage: copy this trained model (name or folder, e.g. pocket-base) instead of training")
+    parser.add_argument("--adapter-steps", type=int, metavar="N",
+                        help="adapter stages: train to this many steps (a stage resumes from its checkpoints, so "
+                             "deleting its output and raising N continues it exactly)")
+    parser.add_argument("--adapter-lr", type=float, metavar="LR", help=f"adapter learning rate (default {ADAPTER_LR})")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every stage's steps (e.g. 10 on a GPU, where an hour's CPU plan takes minutes)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's; 1 on a shared machine)")
@@ -311,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --scale must be positive, got {args.scale}", file=sys.stderr)
         return 2
     plan = scaled(QUICK if args.quick else (GPU if args.plan == "gpu" else FULL), args.scale)
+    if args.adapter_steps is not None:
+        plan = replace(plan, adapter=(args.adapter_steps, plan.adapter[1]))
+    if args.adapter_lr is not None:
+        plan = replace(plan, adapter_lr=args.adapter_lr)
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
     times: list[tuple[str, str, float]] = []

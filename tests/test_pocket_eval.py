@@ -74,6 +74,10 @@ def test_negative_steering_counts_shares_per_colour():
     assert steer.without == {"red": 0.75, "green": 0.25}  # 3 of 4 shapes red, stars green
     assert steer.with_negative == {"red": 0.0, "green": 0.25}  # 'red' steered to blue; 'green' ignored by the fake
     assert steer.mean() == (0.5, 0.125)
+    assert steer.fall() == pytest.approx(0.75)  # 1 - 0.125 / 0.5
+    assert steer.hits_without["red"] == [True] * 6 + [False] * 2  # circle, square, triangle x 2 seeds; stars green
+    assert 0.0 <= steer.fall_sd() < 0.5
+    assert steer.to_dict()["fall"] == pytest.approx(0.75)
 
 
 def test_eval_on_the_tiny_model_writes_tables_grids_and_json(home_env, tmp_path, capsys):
@@ -118,3 +122,5 @@ def test_fd_to_the_reference_is_zero_for_the_reference_images_and_grows_away_fro
     assert abs(same.fd_reference) < 1e-3 and same.psnr == float("inf")  # float noise of a rank-16 covariance
     other = score(classifier, real_images(scenes, 4, "toon", 64), scenes, ref_feats, ref, ref_feats)
     assert other.fd_reference > 1.0 and other.fd_reference == pytest.approx(other.fd)  # real = reference here
+    assert 0.0 < other.fd_reference_sd < other.fd_reference  # bootstrap spread over the 16 prompts
+    assert other.psnr_se > 0.0 and other.to_dict()["psnr_se"] == other.psnr_se

@@ -251,3 +251,28 @@ def test_max_seconds_stops_a_stage_and_says_so(one_thread):
     assert 1 <= result.steps < 100_000
     assert result.extra["planned_steps"] == 100_000 and result.extra["stopped_by"] == "max_seconds=0.5"
     assert result.seconds_per_step == pytest.approx(result.seconds / result.steps, rel=0.01, abs=0.006)  # rounded
+
+
+def test_the_adapter_starts_as_cfg_in_attention_space(one_thread):
+    """adapter_from_cross_attention copies each layer's to_k/to_v into both branches: with the positive prompt
+    also as the negative, Zn = Zx = Zp, so the adapted UNet returns the plain UNet's conditional prediction."""
+    from sun_edge.pocket.adapter_init import adapter_from_cross_attention
+    from sun_edge.unet import SUNUNet
+
+    unet = family.build_components(0)["unet"].eval()
+    adapter = adapter_from_cross_attention(unet, alpha=0.5, extra_positive=True)
+    layer, name = adapter.layers[0], adapter.specs[0].name
+    attn = dict(unet.named_modules())[name]
+    assert torch.equal(layer.to_k_neg.weight, attn.to_k.weight) and torch.equal(layer.to_v_extra_pos.weight, attn.to_v.weight)
+    assert float(layer.to_k_neg_alpha.detach().mean()) == 0.5 and float(layer.to_k_extra_pos_beta.detach().abs().max()) == 0.0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    c = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    t = torch.tensor([999.0, 249.0])
+    with torch.no_grad():
+        sun = SUNUNet(unet, adapter)
+        same = sun(x, t, c, c)
+        plain = sun.plain(x, t, c)
+        other = sun(x, t, c, torch.randn(c.shape, generator=gen))
+    assert torch.allclose(same, plain, atol=1e-4)
+    assert not torch.allclose(other, plain, atol=1e-3)  # another negative prompt changes the prediction

@@ -162,3 +162,13 @@ def test_negative_phrases_are_a_valid_pool_of_the_worlds_own_words():
     vocabulary = {w for i in range(400) for w in make_example(i, 0, drop=0.5).caption.split()}
     assert {w for p in phrases for w in p.split()} <= vocabulary | {"on", "a", "background"}
     assert "red" in phrases and "on a grey background" in phrases
+
+
+def test_attribute_negatives_are_one_attribute_each():
+    from sun_edge.pocket.world import attribute_negatives
+    from sun_edge.train.negatives import parse_pool
+
+    phrases = parse_pool("\n".join(attribute_negatives()), "attributes")
+    assert set(COLOURS) <= set(phrases) and {f"on a {b} background" for b in BACKGROUNDS} <= set(phrases)
+    assert {"circle", "stars", "small", "large", "two", "three"} <= set(phrases)
+    assert len(phrases) == 26 and not any(" " in p and not p.startswith("on a ") for p in phrases)

@@ -41,6 +41,7 @@ from sun_edge.pipeline import Pipeline, Settings
 from sun_edge.pocket.world import ATTRIBUTES, COLOURS, SHAPES, Scene, eval_prompts, render, stylize
 
 GUIDANCE = 8.0
+BOOTSTRAP = 200  # resamples of the prompts (with replacement) for the spreads of FD and of Fig. 5's fall
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,17 @@ class Scores:
     psnr: float | None  # against the reference (None for the reference itself)
     psnr_per_image: list[float] = field(default_factory=list)
     fd_reference: float | None = None  # to the reference images (None for the reference itself)
+    fd_reference_sd: float | None = None  # its spread: s.d. over bootstrap resamples of the prompts (paired)
+
+    @property
+    def psnr_se(self) -> float | None:
+        """Standard error of the mean paired PSNR (over the prompts' seeds)."""
+        finite = [v for v in self.psnr_per_image if math.isfinite(v)]
+        return float(np.std(finite, ddof=1) / math.sqrt(len(finite))) if len(finite) > 1 else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"adherence": self.adherence, "fd": self.fd, "fd_reference": self.fd_reference, "psnr": self.psnr,
+        return {"adherence": self.adherence, "fd": self.fd, "fd_reference": self.fd_reference,
+                "fd_reference_sd": self.fd_reference_sd, "psnr": self.psnr, "psnr_se": self.psnr_se,
                 "psnr_per_image": self.psnr_per_image}
 
 
@@ -122,9 +131,14 @@ def score(classifier: Any, images: np.ndarray, scenes: Sequence[Scene], real_fea
     feats = extract_features(classifier, images)
     fd = frechet_distance(feats, real_feats)
     fd_ref = frechet_distance(feats, reference_feats) if reference_feats is not None else None
+    fd_ref_sd = None
+    if reference_feats is not None and len(feats) == len(reference_feats) and len(feats) >= 4:
+        rng = np.random.default_rng(0)  # the same resamples for every method: their spreads compare
+        picks = [rng.integers(0, len(feats), len(feats)) for _ in range(BOOTSTRAP)]
+        fd_ref_sd = float(np.std([frechet_distance(feats[k], reference_feats[k]) for k in picks]))
     per_image = [image_psnr(r, o) for r, o in zip(reference, images)] if reference is not None else []
     return Scores(adherence(predict(classifier, images), scenes), fd,
-                  float(np.mean(per_image)) if per_image else None, per_image, fd_ref)
+                  float(np.mean(per_image)) if per_image else None, per_image, fd_ref, fd_ref_sd)
 
 
 @dataclass
@@ -133,12 +147,37 @@ class NegativeSteering:
 
     without: dict[str, float]  # colour -> share of images read as that colour, no negative prompt
     with_negative: dict[str, float]  # colour -> share read as that colour when it is the negative prompt
+    # per image (prompt and seed), 1 where the image is read as the colour: colour -> [N] bools, for the spread
+    hits_without: dict[str, list[bool]] = field(default_factory=dict)
+    hits_with: dict[str, list[bool]] = field(default_factory=dict)
 
     def mean(self) -> tuple[float, float]:
         return float(np.mean(list(self.without.values()))), float(np.mean(list(self.with_negative.values())))
 
+    def fall(self) -> float:
+        """Relative fall of the mean share: 1 - with / without (0.75: the colour appears 75% less often)."""
+        a, b = self.mean()
+        return 1.0 - b / a if a > 0 else float("nan")
+
+    def fall_sd(self) -> float | None:
+        """Spread of :meth:`fall`: s.d. over bootstrap resamples of the images (prompt and seed, paired)."""
+        if not self.hits_without:
+            return None
+        a = np.array([self.hits_without[c] for c in self.without], float)  # [colours, N]
+        b = np.array([self.hits_with[c] for c in self.without], float)
+        rng = np.random.default_rng(0)
+        falls = []
+        for _ in range(BOOTSTRAP):
+            k = rng.integers(0, a.shape[1], a.shape[1])
+            mean_a = a[:, k].mean()
+            if mean_a > 0:
+                falls.append(1.0 - b[:, k].mean() / mean_a)
+        return float(np.std(falls)) if falls else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"without": self.without, "with_negative": self.with_negative, "mean": self.mean()}
+        return {"without": self.without, "with_negative": self.with_negative, "mean": self.mean(),
+                "fall": self.fall(), "fall_sd": self.fall_sd(), "hits_without": self.hits_without,
+                "hits_with": self.hits_with}
 
 
 def negative_steering(pipe: Pipeline, classifier: Any, settings: Settings, *, seeds_per_shape: int,
@@ -149,13 +188,15 @@ def negative_steering(pipe: Pipeline, classifier: Any, settings: Settings, *, se
     prompts = [f"a {shape}" for shape in SHAPES for _ in range(seeds_per_shape)]
     seeds = [1000 + i for i in range(len(prompts))]
     base = predict(classifier, generate_images(pipe, prompts, seeds, settings, "", progress))["colour"]
-    without, with_neg = {}, {}
+    without, with_neg, hits_without, hits_with = {}, {}, {}, {}
     for colour in colours:
         index = COLOURS.index(colour)
         without[colour] = float((base == index).mean())
+        hits_without[colour] = [bool(v) for v in base == index]
         steered = predict(classifier, generate_images(pipe, prompts, seeds, settings, colour, progress))["colour"]
         with_neg[colour] = float((steered == index).mean())
-    return NegativeSteering(without, with_neg)
+        hits_with[colour] = [bool(v) for v in steered == index]
+    return NegativeSteering(without, with_neg, hits_without, hits_with)
 
 
 def table2_prompts(n: int, seed: int = 2023) -> tuple[list[str], list[Scene], list[int]]:

@@ -75,16 +75,16 @@ class EvalReport:
         out = [f"Command: `{req.command}`" if req.command else "", "",
                f"### Table 2: 4-step samplers against the 25-step reference ({req.prompts} prompts, one seed each, "
                f"{req.size}x{req.size})", "",
-               "| model | method | adherence (mean) | all attributes right | FD to the reference (paper's metric) "
-               "| FD to world images | PSNR vs reference (dB) |",
-               "|---|---|---|---|---|---|---|"]
+               "| model | method | adherence (mean) | colour read back | all attributes right "
+               "| FD to the reference (paper's metric) | FD to world images | PSNR vs reference (dB) |",
+               "|---|---|---|---|---|---|---|---|"]
         for model, rows in self.table2.items():
             for name, s in rows.items():
                 out.append(f"| {model} | {self.labels[name]} | {_row(s)} |")
         if self.table4:
             out += ["", f"### Table 4: MSC probability p (SUN 4 steps on {req.models[0]})", "",
-                    "| adapter | adherence (mean) | all attributes right | FD to the reference | FD to world images "
-                    "| PSNR vs reference (dB) |", "|---|---|---|---|---|---|"]
+                    "| adapter | adherence (mean) | colour read back | all attributes right | FD to the reference "
+                    "| FD to world images | PSNR vs reference (dB) |", "|---|---|---|---|---|---|---|"]
             table2_sun = self.table2.get(req.models[0], {}).get("sun4")
             if table2_sun is not None:
                 out.append(f"| {req.adapter or 'the adapter beside the model'} (Table 2's) | {_row(table2_sun)} |")
@@ -94,21 +94,29 @@ class EvalReport:
             out += ["", f"### Fig. 5: negative prompts steer SUN (prompt `a <shape>`, {req.negative_seeds} seeds per "
                     f"shape, on {req.models[0]})", "",
                     "Share of images the classifier reads as colour C, without a negative prompt and with C as the "
-                    "negative prompt.", "",
-                    "| method | " + " | ".join(next(iter(self.fig5.values())).without) + " | mean |",
-                    "|---|" + "---|" * (len(next(iter(self.fig5.values())).without) + 1)]
+                    "negative prompt; fall: 1 - mean with / mean without (± its s.d. over bootstrap resamples of "
+                    "the images).", "",
+                    "| method | " + " | ".join(next(iter(self.fig5.values())).without) + " | mean | fall |",
+                    "|---|" + "---|" * (len(next(iter(self.fig5.values())).without) + 2)]
             for name, steer in self.fig5.items():
                 cells = [f"{steer.without[c]:.2f} -> {steer.with_negative[c]:.2f}" for c in steer.without]
                 a, b = steer.mean()
-                out.append(f"| {self.labels[name]} | " + " | ".join(cells) + f" | {a:.3f} -> {b:.3f} |")
+                sd = steer.fall_sd()
+                fall = f"{steer.fall():.0%}" + (f" ± {sd:.0%}" if sd is not None else "")
+                out.append(f"| {self.labels[name]} | " + " | ".join(cells) + f" | {a:.3f} -> {b:.3f} | {fall} |")
         return "\n".join(out).strip() + "\n"
 
 
 def _row(s: Scores) -> str:
-    """Adherence, all-right, FD to the reference, FD to the world, PSNR: Markdown cells."""
+    """Adherence, colour, all-right, FD to the reference (± bootstrap s.d.), FD to the world, PSNR (± s.e.)."""
     fd_ref = "reference" if s.fd_reference is None else f"{s.fd_reference:.2f}"
+    if s.fd_reference_sd is not None:
+        fd_ref += f" ± {s.fd_reference_sd:.1f}"
     psnr = "reference" if s.psnr is None else f"{s.psnr:.2f}"
-    return f"{s.adherence['mean']:.3f} | {s.adherence['all']:.3f} | {fd_ref} | {s.fd:.2f} | {psnr}"
+    if s.psnr is not None and s.psnr_se is not None:
+        psnr += f" ± {s.psnr_se:.2f}"
+    return (f"{s.adherence['mean']:.3f} | {s.adherence['colour']:.3f} | {s.adherence['all']:.3f} | {fd_ref} "
+            f"| {s.fd:.2f} | {psnr}")
 
 
 def _runtime(model: str, adapter: str | None) -> Any:

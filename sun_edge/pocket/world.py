@@ -345,3 +345,17 @@ def negative_phrases() -> tuple[str, ...]:
     words += [f"on a {b} background" for b in BACKGROUNDS]
     return tuple(dict.fromkeys(words))
 
+
+def attribute_negatives() -> tuple[str, ...]:
+    """One attribute of the world per phrase: the negatives CFG actually changes in this world.
+
+    The 8 colours, the 4 shapes (singular and plural), the 2 sizes, the counts and the 6 backgrounds:
+    26 phrases. The adapter's training draws 0 or 1 of them per example (``scripts/train_pocket.py``):
+    half the examples see the empty negative (SUN's default use, Table 2), and the other half one
+    attribute, as Fig. 5 and a user's ``--negative-prompt red`` use it.
+    """
+    plural = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
+    words = [*COLOURS, *SHAPES, *(plural[s] for s in SHAPES), *SIZES, "two", "three"]
+    words += [f"on a {b} background" for b in BACKGROUNDS]
+    return tuple(dict.fromkeys(words))
+
