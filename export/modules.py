@@ -1,7 +1,10 @@
 """The torch modules exporters trace: one per bundle component, float32 at the graph boundary.
 
 Each wrapper gives its component the call signature and semantics of the runtime protocol
-(DESIGN.md), so that a graph computes exactly what ``TorchRuntime`` computes:
+(DESIGN.md), so that a graph computes exactly what ``TorchRuntime`` computes; its arguments and
+results are, in order, the inputs and outputs of the component's entry in
+``sun_edge.components.COMPONENTS`` (a new component is an entry there, a wrapper here and one
+line in each target's ``plan``: ``recipe.py``):
 
 - ``TextEncoderGraph``: ``input_ids`` int64 [1,77] -> ``last_hidden_state`` [1,77,D];
 - ``SUNUNetGraph``: ``sample``, ``timestep``, ``encoder_hidden_states``,

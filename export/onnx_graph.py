@@ -25,11 +25,12 @@ import onnx
 import onnx_ir as ir
 
 from sun_edge.bundle import TensorSpec
+from sun_edge.components import FREE, describe
 from sun_edge.errors import SunEdgeError, first_line
 
 OPSET = 18  # the dynamo exporter's native opset; TensorRT 8.6+/10 and ORT 1.14+ read it
 EXTERNAL_DATA_BYTES = 1_800_000_000  # initializer bytes above which a graph keeps its weights in <file>.data
-DYNAMIC = -1  # a dimension left free in the graph (the plain UNet's batch), as written in the manifest
+DYNAMIC = FREE  # a dimension left free in the graph (the plain UNet's batch), as written in the manifest
 
 
 def clean(model: ir.Model) -> ir.Model:
@@ -85,11 +86,6 @@ def opset(path: Path) -> int:
     """The default-domain opset a saved graph imports."""
     model = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def describe(specs: Sequence[TensorSpec]) -> str:
-    """``sample float32 [1,4,64,64], ...`` for error messages."""
-    return ", ".join(f"{s.name} {s.dtype} [{','.join('?' if d == DYNAMIC else str(d) for d in s.shape)}]" for s in specs)
 
 
 def check_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
