@@ -84,8 +84,9 @@ def model_entry(reference: TorchRuntime, path: str | None = None,
 
 def adapter_entry(reference: TorchRuntime, path: Path | str | None = None) -> dict[str, Any]:
     """The manifest's ``adapter``: name, path, sha256, parameter count, extra-positive branch."""
-    if reference.adapter is None:
-        raise SunEdgeError("exports fuse a SUN adapter into the UNet, and this model has none: pass --adapter PATH")
+    from sun_edge.export.recipe import require_adapter
+
+    require_adapter(reference)
     info = reference.info
     return {"name": info.get("adapter"), "path": str(path) if path is not None else None,
             "sha256": info.get("adapter_sha256"), "parameters": reference.adapter.num_parameters(),
@@ -138,13 +139,12 @@ def export(target: str, model: str, out: Path | str, *, adapter: Path | str | No
     check_destination(out, force)
 
     from sun_edge.adapter import find_adapter
+    from sun_edge.export.recipe import require_adapter
     from sun_edge.models import resolve_model
     from sun_edge.runtimes.pytorch import TorchRuntime
 
     reference = TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle, vae_decoder=vae_decoder)
-    if reference.adapter is None:
-        raise SunEdgeError(f"model {model} has no SUN adapter beside it: pass --adapter PATH "
-                           "(exports fuse the adapter into the UNet)")
+    require_adapter(reference, model)
     adapter_path = find_adapter(adapter, resolve_model(model))
     return module.export_bundle(reference, out, options, model=model_entry(reference, model, loras),
                                 adapter=adapter_entry(reference, adapter_path), force=force, parity=parity,
