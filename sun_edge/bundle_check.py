@@ -28,7 +28,7 @@ from typing import Any
 
 from sun_edge.errors import SunEdgeError
 
-PRECISIONS = ("fp32", "fp16")
+_PRECISION = re.compile(r"^(fp32|fp16)(-pal[123468])?$")  # Core ML's palettized weights: fp16-pal6 (1 to 8 bits)
 DTYPES = ("float32", "float16", "int64", "int32")
 INTEGER_DTYPES = ("int64", "int32")  # token ids: int64 (ONNX) or int32 (Core ML)
 MAX_SIDE = 16384  # image pixels per side
@@ -86,6 +86,11 @@ class _Check:
             raise self.fail(field, f"is {value!r}; valid values: {', '.join(choices)}")
         return value
 
+    def precision(self, field: str, value: Any) -> None:
+        self.string(field, value)
+        if not _PRECISION.match(value):
+            raise self.fail(field, f"is {value!r}; valid values: fp32, fp16, or fp16-palN for N-bit palettized weights")
+
     def optional(self, field: str, value: Any, kind: type) -> None:
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise self.fail(field, f"must be {'an integer' if kind is int else kind.__name__} or null, found {_show(value)}")
@@ -113,7 +118,7 @@ def check_manifest(data: Mapping[str, Any], where: str) -> None:
     """Raise one ``SunEdgeError`` line for the first field of ``data`` (format and version already checked) that is wrong."""
     c = _Check(where)
     c.string("target", data["target"])
-    c.string("precision", data["precision"], choices=PRECISIONS)
+    c.precision("precision", data["precision"])
     c.string("sun_edge_version", data["sun_edge_version"])
     image = c.obj("image", data["image"], ("height", "width"))
     latent = c.obj("latent", data["latent"], ("channels", "height", "width", "scaling_factor"))
@@ -195,7 +200,7 @@ def _check_sources(c: _Check, data: Mapping[str, Any]) -> None:
 def _check_component(c: _Check, field: str, value: Any) -> None:
     comp = c.obj(field, value, ("file", "inputs", "outputs", "precision"))
     file = c.path(f"{field}.file", comp["file"])
-    c.string(f"{field}.precision", comp["precision"], choices=PRECISIONS)
+    c.precision(f"{field}.precision", comp["precision"])
     for kind in ("inputs", "outputs"):
         specs = comp[kind]
         if not isinstance(specs, list) or not specs:

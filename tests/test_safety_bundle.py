@@ -304,7 +304,8 @@ CASES = [
     (_set("scheduler", "steps", 0), "scheduler.steps is 0, outside 1..1000"),
     (_set("scheduler", "steps", 10**9), "scheduler.steps is 1000000000, outside 1..1000"),
     (_set("baseline", "guidance", "8"), "baseline.guidance must be a finite number, found string '8'"),
-    (_set("precision", "int4"), "precision is 'int4'; valid values: fp32, fp16"),
+    (_set("precision", "int4"), "precision is 'int4'; valid values: fp32, fp16, or fp16-palN for N-bit palettized"),
+    (_set("components", "unet", "precision", "fp16-pal5"), "components.unet.precision is 'fp16-pal5'; valid values"),
     (_set("model", "loras", [{"file": "x.safetensors", "scale": "strong"}]),
      r"model.loras\[0\].scale must be a finite number, found string 'strong'"),
     (_set("adapter", "sha256", "abc"), "adapter.sha256 must be a sha256"),
@@ -397,7 +398,8 @@ def test_what_all_three_exporters_write_loads(tmp_path):
         rel = "TextEncoder.mlpackage/Data/model.mlmodel"
         text.update(file="TextEncoder.mlpackage", files={rel: text["files"].pop("text_encoder.onnx")},
                     sha256={rel: text["sha256"].pop("text_encoder.onnx")})
-        data["target"] = "coreml"
+        data["target"], data["precision"] = "coreml", "fp16-pal6"
+        data["components"]["unet"]["precision"] = "fp16-pal6"
         (tmp / MANIFEST).write_text(json.dumps(data))
     opened = open_bundle(coreml, verify="full").manifest
     assert opened.components["text_encoder"].inputs[0].dtype == "int32"
@@ -438,16 +440,10 @@ def _paths(node, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
-def _containers(inner: st.SearchStrategy) -> st.SearchStrategy:
-    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-
-
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 2**40) | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12) | st.sampled_from(["/etc/passwd", "../x", "a/../../b", "C:\\x", "x\\y", "", ".", "unet.onnx",
-                                            "vocab.json", "float16", "int32", "fp16", "ddim", "-1"]),
-    _containers, max_leaves=8,
-)
+_LEAVES = (st.none() | st.booleans() | st.integers(-3, 2**40) | st.floats(allow_nan=True, allow_infinity=True)
+           | st.text(max_size=12) | st.sampled_from(["/etc/passwd", "../x", "a/../../b", "C:\\x", "x\\y", "", ".",
+                                                    "unet.onnx", "vocab.json", "float16", "int32", "fp16", "ddim", "-1"]))
+JSON_VALUES = _LEAVES | st.lists(_LEAVES, max_size=4) | st.dictionaries(st.text(max_size=8), _LEAVES, max_size=4)
 
 
 @st.composite
