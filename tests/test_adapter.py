@@ -211,7 +211,7 @@ def test_save_is_atomic_on_failure(tmp_path, tiny, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(SunEdgeError, match=r"^cannot write .*a\.safetensors: disk full"):  # one line, not OSError
         save_adapter(adapter, tmp_path / "a.safetensors")
     assert list(tmp_path.iterdir()) == []
 
