@@ -220,3 +220,49 @@ def _batched(server) -> float:
                for line in text.splitlines() if line.startswith("sun_edge_batch_size_bucket")}
     total = float(next(l for l in text.splitlines() if l.startswith("sun_edge_batch_size_count")).rsplit(" ", 1)[1])
     return total - buckets["1.0"]
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's (.ci/run installs it); playwright never downloads a browser here
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+
+
+def test_the_page_in_a_real_browser(server, generated, tmp_path):
+    """Headless Chromium types a prompt and a negative prompt, clicks Generate, waits for the pictures (SUN and
+    the CFG baseline), checks they decode and equal the CLI's image, sees an error in words; saves a screenshot."""
+    import os
+    from pathlib import Path
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run installs it with apt-get install -y chromium")
+        pytest.skip(f"no {CHROMIUM} on this machine (apt-get install chromium); CI runs this test")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    shot = Path(os.environ.get("SUN_EDGE_SCREENSHOT", tmp_path / "page.png"))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('pocket-base')")
+            page.fill("#prompt", PROMPT)
+            page.fill("#negative", NEGATIVE)
+            page.fill("#seed", "3")
+            page.click("#generate")
+            page.wait_for_selector(".result img", timeout=120_000)
+            page.wait_for_function("[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth)")
+            sources = page.eval_on_selector_all(".result img", "els => els.map(e => e.src)")
+            widths = page.eval_on_selector_all(".result img", "els => els.map(e => e.naturalWidth)")
+            captions = page.inner_text(".result")
+            assert len(sources) == 2 and widths == [64, 64], captions  # SUN and the CFG baseline side by side
+            sun = pixels(base64.b64decode(sources[0].split(",", 1)[1]))
+            assert np.array_equal(sun, generated[3][0])
+            assert "SUN · seed 3" in captions and "CFG baseline · seed 3" in captions and "Negative prompt: blue" in captions
+            page.screenshot(path=str(shot), full_page=True)
+            page.fill("#steps", "999")
+            page.click("#generate")
+            page.wait_for_selector("#error", state="visible")
+            assert "steps 999 is outside [1, 50]" in page.inner_text("#error")
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 1000
