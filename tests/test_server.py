@@ -266,3 +266,25 @@ def test_the_page_in_a_real_browser(server, generated, tmp_path):
         finally:
             browser.close()
     assert shot.stat().st_size > 1000
+
+
+def test_the_cli_imports_no_server_library_until_serve_runs():
+    import subprocess
+    import sys
+
+    code = "import sys, sun_edge.cli; sun_edge.cli.build_parser(); print(sorted(m for m in ('fastapi', 'uvicorn', " \
+           "'starlette', 'prometheus_client') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-batch", "0"], "--max-batch must be positive"),
+    (["--timeout-s", "-1"], "--timeout-s must be positive"),
+    (["--port", "70000"], "--port 70000 is outside [0, 65535]"),
+    (["--bundle", "/nonexistent/bundle"], "is not a folder"),
+])
+def test_serve_flags_are_checked_before_loading(capsys, flags, words):
+    from cli_helpers import error_line, run
+
+    code, _, err = run(capsys, "serve", *flags)
+    assert code == 2 and words in error_line(err)
