@@ -25,6 +25,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 from sun_edge.errors import SunEdgeError
+from sun_edge.bundle_check import MAX_BATCH
+from sun_edge.settings import MAX_SIDE
 
 from sun_edge.export.targets import TARGETS, Target, target
 
@@ -44,16 +46,22 @@ class ExportOptions:
     height: int | None = None  # None: the model's own size (UNet sample size x VAE factor: SD1.5 512)
     width: int | None = None
     with_baseline: bool = False  # also the UNet without the adapter (batch 1 or 2), for CFG mode
+    max_batch: int = 1  # > 1: graphs with a free batch dimension, 1..max_batch images per call (CFG: 2x)
 
     def sized(self, native: int) -> ExportOptions:
         """These options with an unset height or width taken from the model's own size ``native``."""
-        return replace(self, height=self.height or native, width=self.width or native)
+        return replace(self, height=native if self.height is None else self.height,
+                       width=native if self.width is None else self.width)
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16"):
             raise SunEdgeError(f"unknown precision {self.precision!r}; valid precisions: fp16, fp32")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= MAX_BATCH:
+            raise SunEdgeError(f"max batch {self.max_batch!r} is outside [1, {MAX_BATCH}]")
         for side, value in (("height", self.height), ("width", self.width)):
-            if value is not None and (value < 8 or value % 8):
+            if value is not None and not 8 <= value <= MAX_SIDE:
+                raise SunEdgeError(f"{side} {value} is outside [8, {MAX_SIDE}]")
+            if value is not None and value % 8:
                 raise SunEdgeError(f"{side} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
 
 

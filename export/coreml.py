@@ -121,6 +121,9 @@ class CoreMLOptions(ExportOptions):
         if self.with_baseline:
             raise SunEdgeError("the coreml target exports the SUN UNet only; drop --with-baseline "
                                "(the CFG baseline UNet is exported by the onnx target)")
+        if self.max_batch != 1:
+            raise SunEdgeError("Core ML bundles are batch 1 (their programs have fixed shapes; enumerated batch "
+                               "shapes would multiply the conversion); drop --max-batch")
         if self.compression is not None and self.precision != "fp16":
             raise SunEdgeError("--quantize-nbits palettizes float16 weights: use --precision fp16")
 
@@ -130,7 +133,7 @@ class CoreMLOptions(ExportOptions):
         if isinstance(options, CoreMLOptions):
             return options
         return cls(precision=options.precision, height=options.height, width=options.width,
-                   with_baseline=options.with_baseline)
+                   with_baseline=options.with_baseline, max_batch=options.max_batch)
 
 
 def plan(reference: TorchRuntime, options: CoreMLOptions) -> list[Plan]:

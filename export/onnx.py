@@ -90,13 +90,15 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def trace(graph: Plan, opset: int = graphs.OPSET) -> Any:
-    """``torch.onnx.export`` (dynamo) of one component: an ``onnx_ir.Model``, not yet cleaned."""
+def trace(graph: Plan, opset: int = graphs.OPSET, max_batch: int = 1) -> Any:
+    """``torch.onnx.export`` (dynamo) of one component: an ``onnx_ir.Model``, not yet cleaned.
+
+    A free batch dimension spans 1..``max_batch`` images (the CFG baseline UNet: 1..2x that, the pair)."""
     module = graph.build().eval()
     args = example_inputs(graph.inputs)
     dynamic = None
     if any(graphs.DYNAMIC in s.shape for s in graph.inputs):
-        batch = torch.export.Dim("batch", min=1, max=2)
+        batch = torch.export.Dim("batch", min=1, max=(2 if graph.name == "unet_plain" else 1) * max_batch)
         dynamic = {s.name: ({0: batch} if s.shape[0] == graphs.DYNAMIC else None) for s in graph.inputs}
     with _quiet_exporter(), modules.fp32_softmax_attention(graph.precision == "fp16"), torch.no_grad():
         try:
@@ -114,10 +116,10 @@ def trace(graph: Plan, opset: int = graphs.OPSET) -> Any:
 
 
 def convert(graph: Plan, directory: Path, *, external_data_bytes: int = graphs.EXTERNAL_DATA_BYTES,
-            stage: Callable[[str], None] = lambda _: None) -> Component:
+            stage: Callable[[str], None] = lambda _: None, max_batch: int = 1) -> Component:
     """Trace, clean, save and check one component in ``directory``; its manifest entry."""
     stage("trace")
-    model = trace(graph)
+    model = trace(graph, max_batch=max_batch)
     stage("clean")
     graphs.clean(model)
     stage("save")
@@ -170,7 +172,8 @@ def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptio
     model, adapter = recipe.manifest_entries(reference, model, adapter)
     with bundle_writer(out, force) as tmp:
         components = recipe.run_stages(
-            plans, lambda graph, stage: convert(graph, tmp, external_data_bytes=external_data_bytes, stage=stage),
+            plans, lambda graph, stage: convert(graph, tmp, external_data_bytes=external_data_bytes, stage=stage,
+                                                max_batch=options.max_batch),
             progress, stages=STAGES)
         tokenizer = recipe.write_tokenizer(tmp)
         manifest = build_manifest(reference, options, components, model=model, adapter=adapter, tokenizer=tokenizer)

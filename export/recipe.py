@@ -95,7 +95,7 @@ def geometry(reference: TorchRuntime, options: ExportOptions) -> Geometry:
         raise SunEdgeError("internal error: plan a bundle with sized options (ExportOptions.sized)")
     return Geometry(height=options.height, width=options.width, latent_channels=reference.latent_channels,
                     vae_scale_factor=reference.vae_scale_factor, text_tokens=reference.text_tokens,
-                    text_dim=reference.text_dim)
+                    text_dim=reference.text_dim, batch=FREE if options.max_batch > 1 else 1)
 
 
 def _with_dtypes(specs: tuple[TensorSpec, ...], dtypes: Mapping[str, str], where: str) -> tuple[TensorSpec, ...]:
@@ -216,6 +216,7 @@ def common_manifest_fields(reference: TorchRuntime, options: ExportOptions, *, m
         "baseline": {"name": base.scheduler, "spacing": base.spacing, "steps": base.steps, "guidance": base.guidance},
         "tokenizer": tokenizer, "sun_edge_version": __version__,
         "vae_decoder_tiny": tiny_decoder_entry(reference),
+        "batch": {"min": 1, "max": options.max_batch},
     }
 
 

@@ -80,15 +80,17 @@ def tensorrt_available() -> bool:
 def tensorrt_extra(manifest: Manifest) -> dict[str, Any]:
     """``manifest.extra["tensorrt"]`` for a fresh export: the profiles, and no engines yet."""
     return {
-        "profile": {name: {k: {i: list(v) for i, v in p.items()} for k, p in _by_kind(c).items()}
+        "profile": {name: {k: {i: list(v) for i, v in p.items()}
+                           for k, p in _by_kind(c, rules.free_batch_max(manifest, name)).items()}
                     for name, c in manifest.components.items()},
-        "static_shapes": True, "batch": 1, "text_tokens": int(manifest.text["tokens"]),
+        "static_shapes": manifest.batch["max"] == 1, "batch": int(manifest.batch["max"]),
+        "text_tokens": int(manifest.text["tokens"]),
         "engines": {},
     }
 
 
-def _by_kind(component: Component) -> dict[str, dict[str, tuple[int, ...]]]:
-    shapes = rules.profile_shapes(component)
+def _by_kind(component: Component, free_max: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    shapes = rules.profile_shapes(component, free_max)
     return {k: {name: s[k] for name, s in shapes.items()} for k in ("min", "opt", "max")}
 
 
@@ -133,7 +135,7 @@ def build_plan(manifest: Manifest, component: str, trt_version: str, compute: in
     return BuildPlan(component, volta_file(comp) if volta else comp.file,
                      rules.engine_file(component, trt_version, compute), opt_level,
                      rules.parse_version(trt_version) >= (9,), int(workspace_gb * (1 << 30)),
-                     Path(timing_cache) if timing_cache is not None else None, rules.profile_shapes(comp), volta)
+                     Path(timing_cache) if timing_cache is not None else None, rules.profile_shapes(comp, rules.free_batch_max(manifest, component)), volta)
 
 
 def build_engines(bundle_dir: Path | str, *, opt_level: int = DEFAULT_OPT_LEVEL,

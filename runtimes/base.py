@@ -58,7 +58,7 @@ class BundleRuntime:
     def max_batch(self) -> int:
         """The most images one ``unet`` call takes: the SUN UNet graph's batch (a free batch: the manifest's range)."""
         batch = self.manifest.components["unet"].inputs[0].shape[0]
-        return int(self.manifest.extra.get("batch", {}).get("max", 1)) if batch < 0 else batch
+        return int(self.manifest.batch["max"]) if batch < 0 else batch
 
     def has(self, component: str) -> bool:
         """Whether the bundle holds ``component`` (a name of ``sun_edge.components.COMPONENTS``)."""

@@ -102,7 +102,7 @@ class TensorRTRuntime(GraphRuntime):
         if engine is None:
             raise SunEdgeError(f"TensorRT cannot load {path}; run sun-edge build-engines --bundle {self.bundle.path} --force")
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        bindings = rules.binding_plan(comp)
+        bindings = rules.binding_plan(comp, rules.free_batch_max(self.manifest, component))
         if names != {b.name for b in bindings}:
             raise SunEdgeError(f"{record.file} has tensors {', '.join(sorted(names))}, the manifest says "
                                f"{', '.join(b.name for b in bindings)}; run sun-edge build-engines --bundle "

@@ -109,12 +109,19 @@ def engine_file(component: str, trt_version: str, compute: int) -> str:
     return f"{component}.trt{short_version(trt_version)}.sm{compute}.plan"
 
 
-def profile_shapes(component: Component) -> dict[str, dict[str, tuple[int, ...]]]:
-    """min/opt/max per input: static shapes (min = opt = max); a free batch dimension spans 1..2."""
+def free_batch_max(manifest: Any, component: str) -> int:
+    """The largest size of a component's free batch dimension: the bundle's batch range (the CFG baseline
+    UNet takes the pair, 2x; a batch-1 bundle's baseline spans 1..2)."""
+    return (2 if component == "unet_plain" else 1) * int(manifest.batch["max"])
+
+
+def profile_shapes(component: Component, free_max: int = PLAIN_MAX_BATCH) -> dict[str, dict[str, tuple[int, ...]]]:
+    """min/opt/max per input: static shapes (min = opt = max); a free batch dimension spans 1..``free_max``,
+    optimised for ``free_max`` (a server fills its batches)."""
     shapes = {}
     for spec in component.inputs:
         lo = tuple(1 if d < 0 else d for d in spec.shape)
-        hi = tuple(PLAIN_MAX_BATCH if d < 0 else d for d in spec.shape)
+        hi = tuple(free_max if d < 0 else d for d in spec.shape)
         shapes[spec.name] = {"min": lo, "opt": hi, "max": hi}
     return shapes
 
@@ -172,15 +179,15 @@ class Binding:
     is_input: bool
 
 
-def binding_plan(component: Component) -> tuple[Binding, ...]:
+def binding_plan(component: Component, free_max: int = PLAIN_MAX_BATCH) -> tuple[Binding, ...]:
     """Inputs then outputs at their largest profile shape, with the bytes each device buffer needs."""
-    shapes = profile_shapes(component)
+    shapes = profile_shapes(component, free_max)
     out = []
     for spec in component.inputs:
         shape = shapes[spec.name]["max"]
         out.append(Binding(spec.name, shape, spec.dtype, int(np.prod(shape)) * np.dtype(spec.dtype).itemsize, True))
     for spec in component.outputs:
-        shape = tuple(PLAIN_MAX_BATCH if d < 0 else d for d in spec.shape)
+        shape = tuple(free_max if d < 0 else d for d in spec.shape)
         out.append(Binding(spec.name, shape, spec.dtype, int(np.prod(shape)) * np.dtype(spec.dtype).itemsize, False))
     return tuple(out)
 

@@ -32,6 +32,7 @@ _PRECISION = re.compile(r"^(fp32|fp16)(-pal[123468])?$")  # Core ML's palettized
 DTYPES = ("float32", "float16", "int64", "int32")
 INTEGER_DTYPES = ("int64", "int32")  # token ids: int64 (ONNX) or int32 (Core ML)
 MAX_SIDE = 16384  # image pixels per side
+MAX_BATCH = 256  # images per UNet call a bundle may declare
 MAX_STEPS = 1000  # SD1.5 has 1000 training timesteps
 MAX_DIM = 1 << 20  # any other tensor dimension
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -131,6 +132,10 @@ def check_manifest(data: Mapping[str, Any], where: str) -> None:
     c.integer("text.tokens", text["tokens"], hi=4096)
     c.integer("text.dim", text["dim"], hi=65536)
     factor = _vae_factor(c, image, latent)
+    if "batch" in data:
+        batch = c.obj("batch", data["batch"], ("min", "max"))
+        low = c.integer("batch.min", batch["min"], hi=1)
+        c.integer("batch.max", batch["max"], lo=low, hi=MAX_BATCH)
     _check_scheduler(c, "scheduler", data["scheduler"], guidance=False)
     _check_scheduler(c, "baseline", data["baseline"], guidance=True)
     tokenizer = c.obj("tokenizer", data["tokenizer"], ("vocab", "merges"))
@@ -235,11 +240,13 @@ def _check_component(c: _Check, field: str, value: Any) -> None:
 
 def _check_geometry(c: _Check, data: Mapping[str, Any], factor: int) -> None:
     """Every component's I/O as the component table gives it for the manifest's image, latent and text sizes."""
-    from sun_edge.components import COMPONENTS, Geometry, describe
+    from sun_edge.components import COMPONENTS, FREE, Geometry, describe
 
     image, latent, text = data["image"], data["latent"], data["text"]
+    dynamic = (data.get("batch") or {}).get("max", 1) > 1  # a batch range: graphs with a free batch dimension
     geometry = Geometry(height=image["height"], width=image["width"], latent_channels=latent["channels"],
-                        vae_scale_factor=factor, text_tokens=text["tokens"], text_dim=text["dim"])
+                        vae_scale_factor=factor, text_tokens=text["tokens"], text_dim=text["dim"],
+                        batch=FREE if dynamic else 1)
     sizes = (f"image {image['height']}x{image['width']}, latent {latent['channels']}x{latent['height']}x"
              f"{latent['width']}, text {text['tokens']}x{text['dim']}")
     for name, comp in data["components"].items():

@@ -93,6 +93,9 @@ def add_export_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParse
     e.add_argument("--height", type=int, help="image height the graphs are made for (static; default: the model's own, SD1.5 512)")
     e.add_argument("--width", type=int, help="image width the graphs are made for (static; default: the model's own, SD1.5 512)")
     e.add_argument("--with-baseline", action="store_true", help="also export the UNet without the adapter (batch 1 or 2) for --mode cfg")
+    e.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="graphs take 1..N images per call (a free batch dimension; the CFG baseline 2N); default 1: "
+                        "static batch-1 graphs (onnx and tensorrt; coreml is batch 1)")
     e.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH",
                    help="tiny:PATH: also export this TAESD decoder (diffusers folder or .safetensors) as vae_decoder_tiny, "
                         "for generate --vae-decoder tiny (onnx target only; default: full, the model's VAE alone)")
@@ -142,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise SunEdgeError(f"--{option.name.replace('_', '-')} applies to --target {target.name} only")
     specific = {o.name: getattr(args, o.name) for o in (chosen.options if chosen else ()) if getattr(args, o.name) is not None}
     options = export_options(args.target, precision=args.precision, height=args.height, width=args.width,
-                             with_baseline=args.with_baseline, **specific)
+                             with_baseline=args.with_baseline, max_batch=args.max_batch, **specific)
     loras = tuple(parse_lora_arg(text) for text in args.lora)
     path = export(args.target, args.model, args.output, adapter=args.adapter, loras=loras, allow_pickle=args.allow_pickle,
                   options=options, force=args.force, parity=export_parity, vae_decoder=args.vae_decoder)

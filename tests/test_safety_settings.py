@@ -22,7 +22,7 @@ class NumpyRuntime:
     """A tiny runtime in NumPy (the Runtime protocol): eps is a fixed function of its inputs."""
 
     name = "numpy-test"
-    latent_channels, vae_scale_factor = 4, 8
+    latent_channels, vae_scale_factor, max_batch = 4, 8, 4
 
     def __init__(self, eps_scale: float = 0.5) -> None:
         self.info: dict[str, Any] = {"model": "numpy-test"}
