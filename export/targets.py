@@ -73,6 +73,16 @@ COREML_FP16_PAL6 = _palettized(6)
 COREML_FP16_PAL4 = _palettized(4)
 COREML_FP16_PAL3 = _palettized(3)
 
+# OpenVINO runs an ONNX bundle at an inference precision of its own (``--ov-precision``), below the
+# bundle's. bf16 keeps 8 mantissa bits against fp16's 11 (18 dB less per rounding), with float32
+# accumulation: the tiny model's fp32 bundle at bf16 measures text encoder 53.6, UNet 42.3, plain
+# UNet 39.2, VAE decoder 46.5, encoder 48.1, image 43.1 dB; the full-size random SD1.5 UNet 39.1 dB.
+# Floors 5-10 dB under that, and the image held to the 30 dB (4 8-bit levels) of every fp16 target.
+# f16 (Intel GPUs, NPUs) has fp16's mantissa: the ONNX fp16 floors.
+OPENVINO_BF16 = Thresholds(text_encoder=35.0, unet=30.0, unet_plain=30.0, vae_decoder=30.0, vae_encoder=30.0,
+                           vae_decoder_tiny=30.0, image=30.0)
+OPENVINO_F16 = ONNX_FP16
+
 
 @dataclass(frozen=True)
 class Option:
@@ -140,3 +150,26 @@ def target(name: str) -> Target:
 def threshold(component: str, precision: str, target_name: str = "onnx") -> float:
     """The minimum PSNR (dB) of ``component`` for ``target_name`` at ``precision``."""
     return target(target_name).threshold(component, precision)
+
+
+# (runtime, the inference precision it reports in ``info["inference_precision"]``) -> floors: a runtime
+# that computes a bundle below the bundle's own precision is held to these, whatever the target.
+RUNTIME_THRESHOLDS: Mapping[tuple[str, str], Thresholds] = MappingProxyType({
+    ("openvino", "bf16"): OPENVINO_BF16,
+    ("openvino", "f16"): OPENVINO_F16,
+})
+
+
+def runtime_precision(runtime_name: str, info: Mapping[str, Any]) -> str | None:
+    """The precision whose floors apply to every row of a runtime, when it lowers the bundle's (else None)."""
+    lowered = info.get("inference_precision")
+    return lowered if (runtime_name, lowered) in RUNTIME_THRESHOLDS else None
+
+
+def parity_threshold(row: str, precision: str, target_name: str, runtime_name: str | None = None) -> float:
+    """The floor of ``row``: the runtime's own at ``precision`` if it has one (``RUNTIME_THRESHOLDS``), else the target's."""
+    if runtime_name is not None and (runtime_name, precision) in RUNTIME_THRESHOLDS:
+        if row not in ROWS:
+            raise SunEdgeError(f"unknown parity component {row!r}; valid components: {', '.join(ROWS)}")
+        return float(getattr(RUNTIME_THRESHOLDS[runtime_name, precision], row))
+    return target(target_name).threshold(row, precision)

@@ -3,6 +3,9 @@
 Everything is measured in one process and interleaved repeat by repeat (each repeat runs every
 form once, in the same order), so all forms see the same machine state; each form gets one
 untimed warm-up call first. Figures are medians over the repeats; ratios are computed from them.
+Several runtimes (``run_bench_many``: ONNX Runtime beside OpenVINO on one bundle) are timed the same
+way in one process, each form on each runtime in turn, and reported side by side with each
+runtime's speedup over the first.
 
 Step forms, on real inputs (the tokenized prompts, the initial noise of a seed, t = 999):
 ``text_encode`` (batch 1), ``unet_sun_b1`` (SUN, adapter inside, batch 1), ``unet_plain_b1``
@@ -27,7 +30,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -139,13 +142,17 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def run_bench(runtime: Runtime, *, repeats: int = 3, height: int = 512, width: int = 512, steps_only: bool = False,
-              seed: int = 0, prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE,
-              info: dict[str, Any] | None = None) -> BenchResult:
-    """Time the step forms and (unless ``steps_only``) the whole images, interleaved (module docstring)."""
-    if repeats < 1:
-        raise SunEdgeError(f"repeats must be at least 1, got {repeats}")
-    rss_loaded = peak_rss_mib()
+@dataclass(frozen=True)
+class _Forms:
+    """One runtime's timed forms: step callables and image (pipeline, settings) pairs, in table order."""
+
+    runtime: Any
+    steps: dict[str, Callable[[], Any]]
+    images: dict[str, tuple[Pipeline, Settings]]
+
+
+def _forms(runtime: Runtime, *, height: int, width: int, steps_only: bool, seed: int, prompt: str,
+           negative_prompt: str) -> _Forms:
     sun, cfg = Settings(height=height, width=width), Settings.baseline(height=height, width=width)
     sun.validate()
     has_sun = runtime.has("unet")
@@ -176,28 +183,127 @@ def run_bench(runtime: Runtime, *, repeats: int = 3, height: int = 512, width: i
             images["cfg25"] = (Pipeline(_WithDecoder(runtime, full), pipe.tokenizer), cfg)
         if has_sun and tiny is not None:
             images["sun4_tiny"] = (Pipeline(_WithDecoder(runtime, tiny), pipe.tokenizer), sun)
+    return _Forms(runtime, steps, images)
 
-    for fn in steps.values():  # warm-up: also warms every shape the images use (and opens lazy sessions)
-        fn()
-    rss_warm = peak_rss_mib()
-    seconds: dict[str, list[float]] = {form: [] for form in [*steps, *images]}
-    calls: dict[str, int] = {}
-    for _ in range(repeats):
-        for form, fn in steps.items():
-            start = time.perf_counter()
+
+def _measure(all_forms: list[_Forms], *, repeats: int, seed: int, prompt: str,
+             negative_prompt: str) -> tuple[list[dict[str, list[float]]], list[dict[str, int]], float]:
+    """Warm every step form of every runtime once, then time each form on each runtime in turn, repeat by repeat."""
+    for forms in all_forms:  # warm-up: also warms every shape the images use (and opens lazy sessions)
+        for fn in forms.steps.values():
             fn()
-            seconds[form].append(time.perf_counter() - start)
-        for form, (image_pipe, settings) in images.items():
-            start = time.perf_counter()
-            result = image_pipe.generate(prompt, negative_prompt, seeds=[seed], settings=settings)[0]
-            seconds[form].append(time.perf_counter() - start)
-            calls[form] = result.unet_calls
-    about = {"runtime": runtime.name, "model": runtime.info.get("model"),
-             "height": height, "width": width, "repeats": repeats, "seed": seed, "steps_only": steps_only,
-             **(info or {}), "machine": machine_info(),
-             "memory": {"peak_rss_mib_after_load": rss_loaded, "peak_rss_mib_after_warmup": rss_warm,
-                        "peak_rss_mib_after_runs": peak_rss_mib(),
-                        "gpu_peak_mib": gpu_peak_mib(),
-                        "covers": "peak resident set size of the whole process (ru_maxrss): Python, libraries, "
-                                  "weights, activations; a high-water mark since the process started"}}
-    return BenchResult(seconds, calls, {form: s.steps for form, (_, s) in images.items()}, about)
+    rss_warm = peak_rss_mib()
+    seconds = [{form: [] for form in [*f.steps, *f.images]} for f in all_forms]
+    calls: list[dict[str, int]] = [{} for _ in all_forms]
+    order = list(dict.fromkeys(form for f in all_forms for form in [*f.steps, *f.images]))
+    for _ in range(repeats):
+        for form in order:
+            for forms, secs, n in zip(all_forms, seconds, calls):
+                if form in forms.steps:
+                    start = time.perf_counter()
+                    forms.steps[form]()
+                    secs[form].append(time.perf_counter() - start)
+                elif form in forms.images:
+                    image_pipe, settings = forms.images[form]
+                    start = time.perf_counter()
+                    result = image_pipe.generate(prompt, negative_prompt, seeds=[seed], settings=settings)[0]
+                    secs[form].append(time.perf_counter() - start)
+                    n[form] = result.unet_calls
+    return seconds, calls, rss_warm
+
+
+def _about(runtime: Runtime, *, height: int, width: int, repeats: int, seed: int, steps_only: bool,
+           info: dict[str, Any] | None, rss_loaded: float, rss_warm: float) -> dict[str, Any]:
+    return {"runtime": runtime.name, "model": runtime.info.get("model"),
+            "height": height, "width": width, "repeats": repeats, "seed": seed, "steps_only": steps_only,
+            **(info or {}), "machine": machine_info(),
+            "memory": {"peak_rss_mib_after_load": rss_loaded, "peak_rss_mib_after_warmup": rss_warm,
+                       "peak_rss_mib_after_runs": peak_rss_mib(),
+                       "gpu_peak_mib": gpu_peak_mib(),
+                       "covers": "peak resident set size of the whole process (ru_maxrss): Python, libraries, "
+                                 "weights, activations; a high-water mark since the process started"}}
+
+
+def run_bench(runtime: Runtime, *, repeats: int = 3, height: int = 512, width: int = 512, steps_only: bool = False,
+              seed: int = 0, prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE,
+              info: dict[str, Any] | None = None) -> BenchResult:
+    """Time the step forms and (unless ``steps_only``) the whole images, interleaved (module docstring)."""
+    return run_bench_many([runtime], repeats=repeats, height=height, width=width, steps_only=steps_only, seed=seed,
+                          prompt=prompt, negative_prompt=negative_prompt, infos=[info]).results[runtime.name]
+
+
+@dataclass(frozen=True)
+class BenchComparison:
+    """Several runtimes timed in one process, form by form in turn: each one's figures, and how they compare."""
+
+    results: dict[str, BenchResult]  # runtime name -> its figures, in the order given
+
+    def speedups(self) -> dict[str, dict[str, float]]:
+        """Per runtime after the first: form -> first runtime's median / this runtime's (above 1: faster)."""
+        names = list(self.results)
+        base = self.results[names[0]].medians()
+        return {name: {form: base[form] / med for form, med in self.results[name].medians().items() if form in base}
+                for name in names[1:]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runtimes": list(self.results), "results": {name: r.to_dict() for name, r in self.results.items()},
+                "speedup_over_first": self.speedups()}
+
+    def table(self) -> str:
+        """One single-runtime table as ``BenchResult.table``; several side by side: medians, speedups, ratios."""
+        names = list(self.results)
+        if len(names) == 1:
+            return self.results[names[0]].table()
+        first = self.results[names[0]]
+        meds = {name: r.medians() for name, r in self.results.items()}
+        speed = self.speedups()
+        lines = [f"{' vs '.join(names)} at {first.info['height']}x{first.info['width']}, {first.info['repeats']} "
+                 "repeat(s) each, interleaved in one process, medians after one warm-up",
+                 f"{'form':<16}" + "".join(f"{n + ' s':>16}" for n in names)
+                 + "".join(f"{n + ' speedup':>22}" for n in names[1:])]
+        forms = list(dict.fromkeys(form for r in self.results.values() for form in r.seconds))
+        for form in forms:
+            cells = "".join(f"{meds[n][form]:>16.4f}" if form in meds[n] else f"{'-':>16}" for n in names)
+            ups = "".join(f"{speed[n][form]:>21.2f}x" if form in speed[n] else f"{'-':>22}" for n in names[1:])
+            lines.append(f"{form:<16}{cells}{ups}")
+        labels = {name: what for name, (_, _, what) in RATIOS.items()}
+        labels["unet_time_cfg25_over_sun4"] = "UNet time, CFG 25 steps / SUN 4 steps"
+        ratios = {n: r.ratios() for n, r in self.results.items()}
+        for key in dict.fromkeys(k for r in ratios.values() for k in r):
+            cells = "".join(f"{ratios[n][key]:>12.3f}" if key in ratios[n] else f"{'-':>12}" for n in names)
+            lines.append(f"{labels[key]:<44}{cells}  ({key}; {', '.join(names)})")
+        memory = self.results[names[-1]].info["memory"]
+        lines.append(f"peak RSS {memory['peak_rss_mib_after_warmup']:.0f} MiB after one call of each form on every "
+                     f"runtime, {memory['peak_rss_mib_after_runs']:.0f} MiB after the runs (whole process, all runtimes)")
+        return "\n".join(lines)
+
+
+def run_bench_many(runtimes: Sequence[Runtime], *, repeats: int = 3, height: int = 512, width: int = 512,
+                   steps_only: bool = False, seed: int = 0, prompt: str = DEFAULT_PROMPT,
+                   negative_prompt: str = DEFAULT_NEGATIVE,
+                   infos: Sequence[dict[str, Any] | None] | None = None) -> BenchComparison:
+    """Time several runtimes in one process: every form on each runtime in turn, repeat by repeat (module docstring).
+
+    ``infos``: extra fields for each runtime's result (its bundle, options), in the order of ``runtimes``.
+    """
+    if repeats < 1:
+        raise SunEdgeError(f"repeats must be at least 1, got {repeats}")
+    if not runtimes:
+        raise SunEdgeError("bench needs at least one runtime")
+    names = [r.name for r in runtimes]
+    if len(set(names)) != len(names):
+        raise SunEdgeError(f"bench compares distinct runtimes; given: {', '.join(names)}")
+    infos = list(infos) if infos is not None else [None] * len(runtimes)
+    if len(infos) != len(runtimes):
+        raise SunEdgeError(f"bench got {len(infos)} info records for {len(runtimes)} runtimes")
+    rss_loaded = peak_rss_mib()
+    all_forms = [_forms(r, height=height, width=width, steps_only=steps_only, seed=seed, prompt=prompt,
+                        negative_prompt=negative_prompt) for r in runtimes]
+    seconds, calls, rss_warm = _measure(all_forms, repeats=repeats, seed=seed, prompt=prompt,
+                                        negative_prompt=negative_prompt)
+    results = {}
+    for runtime, forms, secs, n, info in zip(runtimes, all_forms, seconds, calls, infos):
+        about = _about(runtime, height=height, width=width, repeats=repeats, seed=seed, steps_only=steps_only,
+                       info=info, rss_loaded=rss_loaded, rss_warm=rss_warm)
+        results[runtime.name] = BenchResult(secs, n, {form: st.steps for form, (_, st) in forms.images.items()}, about)
+    return BenchComparison(results)

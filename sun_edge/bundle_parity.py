@@ -16,23 +16,28 @@ from sun_edge.parity import ParityReport, check_report, compare_runtimes
 from sun_edge.pipeline import Settings
 
 
-def open_checked_runtime(bundle_dir: Path, provider: str = "cpu") -> Runtime:
-    """Open a bundle directory with the runtime its target checks with here (Core ML's evaluator off macOS)."""
+def open_checked_runtime(bundle_dir: Path, provider: str = "cpu", runtime: str | None = None, **options: Any) -> Runtime:
+    """Open a bundle directory with ``runtime``, by default the one its target checks with here (Core ML's
+    evaluator off macOS); ``options`` are that runtime's (``ov_device``, ``ov_precision`` for openvino)."""
     from sun_edge.bundle import open_bundle
     from sun_edge.export.targets import target
     from sun_edge.runtimes import open_bundle_runtime
 
     bundle = open_bundle(bundle_dir)
-    return open_bundle_runtime(bundle, target(bundle.manifest.target).parity_runtime, provider=provider)
+    return open_bundle_runtime(bundle, runtime or target(bundle.manifest.target).parity_runtime, provider=provider,
+                               **options)
 
 
 def bundle_report(reference: Runtime, bundle_dir: Path, *, precision: str | None = None, seeds: Sequence[int] = (0,),
-                  provider: str = "cpu") -> ParityReport:
-    """Compare a bundle's graphs with ``reference`` at the bundle's size and scheduler, each component at its precision."""
+                  provider: str = "cpu", runtime: str | None = None, **options: Any) -> ParityReport:
+    """Compare a bundle's graphs with ``reference`` at the bundle's size and scheduler, each component at its precision
+    (or at the one the runtime reports, ``sun_edge.parity.compare_runtimes``); ``runtime`` and ``options`` as
+    ``open_checked_runtime``'s."""
     from sun_edge.bundle import open_bundle
 
     manifest = open_bundle(bundle_dir).manifest
-    candidate = open_checked_runtime(bundle_dir, provider)
+    candidate = (open_checked_runtime(bundle_dir, provider, runtime, **options) if runtime is not None or options
+                 else open_checked_runtime(bundle_dir, provider))
     return compare_runtimes(reference, candidate, precision=precision or manifest.precision, seeds=seeds,
                             settings=Settings.from_manifest(manifest), target=manifest.target,
                             precisions={name: c.precision for name, c in manifest.components.items()})
@@ -131,12 +136,15 @@ def _tiny_mismatch(manifest: Any, reference: Any) -> tuple[str, ...]:
 
 def check_bundle(bundle_dir: Path, *, seeds: Sequence[int] = (0,), model: str | None = None, adapter: str | None = None,
                  loras: Sequence[tuple[Path, float]] | None = None, allow_pickle: bool = False,
-                 provider: str = "cpu", vae_decoder: str | None = None) -> BundleCheck:
-    """``sun-edge parity``: re-run the export's parity check on a bundle, against its reference model."""
+                 provider: str = "cpu", vae_decoder: str | None = None, runtime: str | None = None,
+                 **options: Any) -> BundleCheck:
+    """``sun-edge parity``: verify every file of a bundle against its recorded sha256 (no cache), then re-run the
+    export's parity check on it, against its reference model."""
     from sun_edge.bundle import open_bundle
 
-    manifest = open_bundle(bundle_dir).manifest
+    manifest = open_bundle(bundle_dir, verify="full").manifest
     reference = reference_for_bundle(manifest, model=model, adapter=adapter, loras=loras, allow_pickle=allow_pickle,
                                      vae_decoder=vae_decoder)
     mismatches = reference_mismatches(manifest, getattr(reference, "info", {}), loras) + _tiny_mismatch(manifest, reference)
-    return BundleCheck(bundle_report(reference, bundle_dir, seeds=seeds, provider=provider), mismatches)
+    return BundleCheck(bundle_report(reference, bundle_dir, seeds=seeds, provider=provider, runtime=runtime, **options),
+                       mismatches)

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--provider", default="cpu", help="with --bundle: ONNX Runtime execution provider: cpu (default), cuda, tensorrt, coreml")
     g.add_argument("--no-cuda-graphs", action="store_true", help="with a TensorRT bundle: run each UNet step without CUDA graph replay")
     g.add_argument("--compute-units", default="all", help="with a Core ML bundle on macOS: all (default), cpu-and-gpu, cpu-and-ne, cpu-only")
+    _add_openvino_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--mode", choices=["sun", "cfg"], default="sun", help="sun: one UNet call per step; cfg: the classifier-free guidance baseline")
@@ -86,13 +87,51 @@ def _outputs(output: Path, seeds: Sequence[int]) -> list[Path]:
     return [output.with_name(f"{output.stem}-s{seed}{output.suffix}") for seed in seeds]
 
 
+def _add_openvino_args(p: argparse.ArgumentParser) -> None:
+    """The OpenVINO runtime's flags (``--device`` names its device: CPU, GPU, NPU, AUTO)."""
+    o = p.add_argument_group("openvino runtime (with --bundle --runtime openvino, or --provider openvino)")
+    o.add_argument("--ov-precision", choices=["f32", "bf16", "f16"],
+                   help="inference precision (default: bf16 on CPUs with AMX or AVX512-BF16, else f32; f16 on GPU/NPU)")
+    o.add_argument("--ov-cache-dir", type=Path, help="cache compiled models here: the second start imports them")
+
+
+def _openvino_provider(args: argparse.Namespace) -> None:
+    """``--provider openvino`` is ``--runtime openvino``: OpenVINO runs the ONNX bundle itself here."""
+    if getattr(args, "provider", None) != "openvino":
+        return
+    runtimes = args.runtime if isinstance(args.runtime, list) else [args.runtime] if args.runtime else []
+    if any(r != "openvino" for r in runtimes):
+        raise SunEdgeError(f"--provider openvino runs the bundle with the openvino runtime; drop --runtime {runtimes[0]}")
+    args.runtime = ["openvino"] if isinstance(args.runtime, list) or args.command == "bench" else "openvino"
+    args.provider = "cpu"
+
+
+def _openvino_options(args: argparse.Namespace, runtimes: Sequence[str | None]) -> dict[str, Any]:
+    """``ov_device`` (from ``--device``), ``ov_precision``, ``ov_cache_dir`` for a bundle run with openvino; refused otherwise."""
+    if "openvino" not in runtimes:
+        for flag in ("ov_precision", "ov_cache_dir"):
+            if getattr(args, flag, None) is not None:
+                raise SunEdgeError(f"--{flag.replace('_', '-')} applies to --runtime openvino")
+        return {}
+    from sun_edge.runtimes.openvino import check_device
+
+    try:
+        device = check_device(args.device)
+    except SunEdgeError:
+        raise SunEdgeError(f"--device {args.device} is a torch device (for --model); with --runtime openvino give an "
+                           "OpenVINO device: CPU, GPU, NPU or AUTO") from None
+    return {"ov_device": device, "ov_precision": args.ov_precision, "ov_cache_dir": args.ov_cache_dir}
+
+
 def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
     """The bundle's runtime (as its target says) and its tokenizer; imports no torch."""
     from sun_edge.runtimes import open_bundle_runtime
 
     if args.adapter or args.lora:
         raise SunEdgeError("--adapter and --lora are fused into a bundle at export; drop them with --bundle")
-    if (args.precision, args.device) != ("fp32", "cpu"):
+    _openvino_provider(args)
+    openvino = _openvino_options(args, [args.runtime])
+    if (args.precision, "cpu" if openvino else args.device) != ("fp32", "cpu"):
         raise SunEdgeError("--precision and --device apply to --model; a bundle's are fixed at export "
                            "(choose the hardware with --provider)")
     if args.vae_decoder not in ("full", "tiny"):
@@ -101,7 +140,7 @@ def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
     if args.optimize != "none":
         raise SunEdgeError("--optimize applies to --model (the PyTorch runtime); a TensorRT bundle captures CUDA graphs "
                            "itself (--no-cuda-graphs turns that off)")
-    runtime = open_bundle_runtime(bundle, args.runtime, **_runtime_options(args))
+    runtime = open_bundle_runtime(bundle, args.runtime, **_runtime_options(args), **openvino)
     if args.mode == "cfg" or args.compare:
         runtime.require_baseline()  # before sampling starts
     return runtime, runtime.tokenizer()
@@ -254,7 +293,10 @@ def _add_check_parsers(sub: Any) -> None:
     p.add_argument("--vae-decoder", metavar="tiny:PATH",
                    help="reference TAESD decoder for a bundle that has one (default: the path recorded in its manifest)")
     p.add_argument("--allow-pickle", action="store_true")
-    p.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider (default: cpu)")
+    p.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider (default: cpu; openvino: --runtime openvino)")
+    p.add_argument("--runtime", help="the runtime to check the bundle with (default: the one its target is checked with)")
+    p.add_argument("--device", default="cpu", help="with --runtime openvino: CPU (default), GPU, NPU or AUTO")
+    _add_openvino_args(p)
     p.add_argument("--json", type=Path, help="also write the figures to this file")
 
     b = sub.add_parser("bench", help="time SUN 4 steps against CFG 25 steps: UNet steps, whole images, decode, memory")
@@ -264,11 +306,14 @@ def _add_check_parsers(sub: Any) -> None:
     b.add_argument("--adapter", help="with --model: SUN adapter (default: the one beside the model)")
     b.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH", help="with --model: also time a TAESD decoder")
     b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="with --model (default: fp32)")
-    b.add_argument("--device", default="cpu", help="with --model: torch device (default: cpu)")
+    b.add_argument("--device", default="cpu", help="with --model: torch device (default: cpu); with --runtime openvino: "
+                                                 "CPU, GPU, NPU or AUTO")
     b.add_argument("--optimize", default="none", choices=OPTIMIZATIONS,
                    help="with --model: UNet calls eager (none), as CUDA graphs, or through torch.compile (default: none)")
-    b.add_argument("--runtime", help="with --bundle: the runtime to time (default: the one its target names)")
+    b.add_argument("--runtime", nargs="+", help="with --bundle: the runtime(s) to time (default: the one its target "
+                                                "names); several, e.g. onnxruntime openvino: side by side in one run")
     b.add_argument("--provider", default="cpu", help="with --bundle: ONNX Runtime execution provider (default: cpu)")
+    _add_openvino_args(b)
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per form, after one warm-up (default 3)")
     b.add_argument("--size", type=int, help="image height = width (default: the bundle's, or the model's own: SD1.5 512)")
     b.add_argument("--seed", type=int, default=0)
@@ -295,8 +340,13 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise SunEdgeError(f"--seeds must be at least 1, got {args.seeds}")
     loras = [parse_lora_arg(text) for text in args.lora] if args.lora else None
+    _openvino_provider(args)
+    openvino = _openvino_options(args, [args.runtime])
+    if args.device != "cpu" and not openvino:
+        raise SunEdgeError("--device applies to --runtime openvino (an OpenVINO device: CPU, GPU, NPU, AUTO)")
     check = check_bundle(args.bundle, seeds=range(args.seeds), model=args.model, adapter=args.adapter, loras=loras,
-                         allow_pickle=args.allow_pickle, provider=args.provider, vae_decoder=args.vae_decoder)
+                         allow_pickle=args.allow_pickle, provider=args.provider, vae_decoder=args.vae_decoder,
+                         **({"runtime": args.runtime} if args.runtime else {}), **openvino)
     for problem in check.mismatches:
         print(f"warning: the reference is not what {args.bundle} was exported from: {problem}", file=sys.stderr)
     print(check.report.table())
@@ -306,7 +356,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from sun_edge.bench import run_bench
+    from sun_edge.bench import run_bench, run_bench_many
 
     _check_json_path(args.json)
     info: dict[str, Any] = {}
@@ -322,11 +372,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.adapter or args.vae_decoder != "full":
             raise SunEdgeError("--adapter and --vae-decoder apply to --model; a bundle has its graphs built in "
                                "(its TAESD decoder, if exported, is timed as well)")
+        _openvino_provider(args)
+        names = args.runtime or [None]
+        openvino = _openvino_options(args, names)
+        if args.device != "cpu" and not openvino:
+            raise SunEdgeError("--device applies to --model (a torch device) or to --runtime openvino (an OpenVINO device)")
         bundle = open_bundle(args.bundle)
         manifest = bundle.manifest
         size = size or (int(manifest.image["height"]), int(manifest.image["width"]))
-        runtime = open_bundle_runtime(bundle, args.runtime, provider=args.provider)
         info.update(bundle=str(args.bundle), target=manifest.target, precision=manifest.precision, provider=args.provider)
+        if len(names) > 1:
+            runtimes = [open_bundle_runtime(bundle, name, provider=args.provider,
+                                            **(openvino if name == "openvino" else {})) for name in names]
+            infos = [{**info, **{k: v for k, v in r.info.items() if k in ("ov_device", "inference_precision",
+                                                                          "precision_reason", "openvino")}}
+                     for r in runtimes]
+            compared = run_bench_many(runtimes, repeats=args.repeats, height=size[0], width=size[1],
+                                      steps_only=args.steps_only, seed=args.seed, infos=infos)
+            print(compared.table())
+            if args.json:
+                _write_json(args.json, compared.to_dict())
+            return 0
+        runtime = open_bundle_runtime(bundle, names[0], provider=args.provider, **openvino)
+        info.update({k: v for k, v in runtime.info.items() if k in ("ov_device", "inference_precision",
+                                                                    "precision_reason", "openvino")})
     else:
         from sun_edge.runtimes.pytorch import TorchRuntime
 

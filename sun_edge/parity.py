@@ -31,7 +31,7 @@ import numpy as np
 from sun_edge import sampling
 from sun_edge.errors import SunEdgeError
 from sun_edge.components import Runtime
-from sun_edge.export.targets import ROWS
+from sun_edge.export.targets import ROWS, parity_threshold, runtime_precision
 from sun_edge.export.targets import target as export_target
 from sun_edge.pipeline import Pipeline, Settings
 from sun_edge.tokenizer import CLIPTokenizer
@@ -197,13 +197,17 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
     steps at 512x512; its size must be one the candidate accepts). ``components`` limits the check.
     ``precisions`` gives components whose precision differs from ``precision`` (a bundle records
     each component's: an fp16 ONNX bundle keeps its VAE graphs in fp32); thresholds follow it.
+    A candidate that computes below the bundle's precision says so in ``info["inference_precision"]``
+    (OpenVINO at bf16 or f16); every row is then held to that runtime's floors at that precision
+    (``sun_edge.export.targets.RUNTIME_THRESHOLDS``).
     """
     settings.validate()
     if settings.mode != "sun":
         raise SunEdgeError("parity runs the SUN trajectory: settings.mode must be 'sun'")
     wanted = tuple(components) if components is not None else COMPONENTS
-    precisions = {c: (precisions or {}).get(c, precision) for c in wanted}
-    limits = {c: threshold(c, precisions[c], target) for c in wanted}  # validates names, target, precision
+    lowered = runtime_precision(candidate.name, candidate.info)  # OpenVINO at bf16/f16: its own floors, every row
+    precisions = {c: lowered or (precisions or {}).get(c, precision) for c in wanted}
+    limits = {c: parity_threshold(c, precisions[c], target, candidate.name) for c in wanted}  # validates names
     if not has_component(reference, "unet"):
         raise SunEdgeError(f"the reference runtime {reference.name} has no SUN adapter; parity needs one")
     skipped = {c: "candidate has none" if not has_component(candidate, c) else "reference has none"
@@ -259,7 +263,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
               "steps": settings.steps, "scheduler": settings.scheduler, "spacing": settings.spacing,
               "timesteps": timesteps, "height": settings.height, "width": settings.width, "noise": settings.noise,
               "note": INPUTS_NOTE}
-    return ParityReport(rows, target, precision, reference.name, candidate.name, inputs, skipped)
+    return ParityReport(rows, target, lowered or precision, reference.name, candidate.name, inputs, skipped)
 
 
 def _row(component: str, found: list[tuple[float, float, str]], limit: float, precision: str) -> ParityRow:

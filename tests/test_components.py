@@ -53,7 +53,7 @@ def test_runtimes_follow_the_protocol_and_say_what_they_have(onnx_fp32_bundle, t
 def test_bundle_dispatch_refuses_what_does_not_apply(onnx_fp32_bundle):
     bundle = open_bundle(onnx_fp32_bundle)
     with pytest.raises(SunEdgeError, match=r"^runtime coreml-mil does not run onnx bundles; onnx bundles run on: "
-                                           r"onnxruntime$"):
+                                           r"onnxruntime, openvino$"):
         open_bundle_runtime(bundle, "coreml-mil")
     with pytest.raises(SunEdgeError, match=r"^option compute_units applies to the coreml runtime; this onnx bundle runs "
                                            r"on onnxruntime$"):
@@ -78,5 +78,5 @@ def test_cli_runtime_flag(onnx_fp32_bundle, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "--bundle", str(onnx_fp32_bundle), "--runtime", "tensorrt", "--prompt", "x",
                        "-o", str(tmp_path / "x.png"))
     assert code == 2 and error_line(err) == ("error: runtime tensorrt does not run onnx bundles; onnx bundles run on: "
-                                             "onnxruntime")
+                                             "onnxruntime, openvino")
     assert not (tmp_path / "x.png").exists()
