@@ -51,6 +51,9 @@ async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
     """The body as a JSON object, read no further than ``limits.max_body_bytes``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        if int(declared) <= 8 * limits.max_body_bytes:  # read it away, so the client sees the 413, not a reset
+            async for _ in request.stream():
+                pass
         raise ApiError(413, f"request body of {declared} bytes is over the limit of {limits.max_body_bytes} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
