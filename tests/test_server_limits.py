@@ -91,6 +91,18 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert cancelled(server, "disconnect") == before + 2
 
 
+def test_a1111_interrupt_stops_the_running_request(server):
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(server.request, "POST", "/sdapi/v1/txt2img", {**SLOW, "sampler_name": "DDIM"})
+        wait_for(lambda: jobs(server) == 1, what="the request to start")
+        start = time.monotonic()
+        assert server.json("POST", "/sdapi/v1/interrupt") == (200, {})
+        status, _, data = running.result()
+        assert status == 409 and time.monotonic() - start < TIMEOUT_S, data
+        one_line_error(data, "interrupted")
+    wait_for(lambda: jobs(server) == 0, what="the interrupted batch to stop")
+
+
 def test_sigterm_drains_requests_in_flight(tmp_path):
     s = Server(tmp_path / "serve.log", "--max-batch", "4", "--batch-window-ms", "50", "--drain-timeout-s", "120",
                "--threads", "1")
