@@ -288,3 +288,12 @@ def test_serve_flags_are_checked_before_loading(capsys, flags, words):
 
     code, _, err = run(capsys, "serve", *flags)
     assert code == 2 and words in error_line(err)
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_status_2(tmp_path):
+    s = Server(tmp_path / "serve.log", "--model", str(tmp_path / "no-such-model"))
+    try:
+        assert s.process.wait(120) == 2
+        assert "error: model path" in s.log() and "does not exist" in s.log()
+    finally:
+        s.terminate()
