@@ -134,13 +134,9 @@ def _attend(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def _attend_stacked(attn: Any, query: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """``Attn(Q, K_i, V_i)`` for several key/value sets in ONE scaled_dot_product_attention call.
-
-    Paper eqs. 4-5 share ``Q``: the sets become extra heads (m sets of H heads: [B, mH, ...]), so
-    Zp, Zn (and the extra-positive Z) cost one attention kernel instead of m. Each head attends
-    only its own keys, so every output equals its separate call up to float rounding.
-    query [B,N,C], each key/value [B,T,C] -> m outputs [B,N,C].
-    """
+    """``Attn(Q, K_i, V_i)`` for m key/value sets in ONE attention call: eqs. 4-5 share ``Q``, so the sets
+    become extra heads ([B, mH, ...]); each head attends only its own keys, so every output equals its
+    separate call up to float rounding. query [B,N,C], keys/values [B,T,C] -> m x [B,N,C]."""
     batch, tokens, inner = query.shape
     heads, m = attn.heads, len(pairs)
     head_dim = inner // heads
