@@ -381,8 +381,7 @@ def load_adapter(path: Path | str, unet_config: Mapping[str, Any] | None = None)
         raise SunEdgeError(f"adapter {path.name} has format version {meta.get('format_version')!r}, and this sun-edge "
                            f"reads version {FORMAT_VERSION}: upgrade sun-edge, or use an adapter saved by this version")
     state = read_state_dict(path)
-    bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
-    if bad:
+    if bad := [key for key, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())]:
         raise SunEdgeError(f"adapter {path.name} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), first "
                            f"{bad[0]}; the file is damaged or came from a diverged training run")
     return adapter_from_state_dict(state, unet_config if unet_config is not None else sd15_unet_config())
