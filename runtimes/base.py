@@ -36,9 +36,6 @@ class BundleRuntime:
         if bundle.manifest.target not in self.TARGETS:
             raise SunEdgeError(f"bundle {bundle.path} is a {bundle.manifest.target} bundle; the {self.name} runtime runs "
                                f"{', '.join(self.TARGETS)} bundles")
-        missing = [name for name, c in COMPONENTS.items() if not c.optional and name not in bundle.manifest.components]
-        if missing:
-            raise SunEdgeError(f"bundle {bundle.path} lacks the {', '.join(missing)} component(s); re-export it")
         self.bundle = bundle
         g = self.geometry = Geometry.from_manifest(bundle.manifest)
         self.latent_channels, self.vae_scale_factor = g.latent_channels, g.vae_scale_factor
@@ -57,8 +54,16 @@ class BundleRuntime:
     @property
     def max_batch(self) -> int:
         """The most images one ``unet`` call takes: the SUN UNet graph's batch (a free batch: the manifest's range)."""
-        batch = self.manifest.components["unet"].inputs[0].shape[0]
+        unet = self.manifest.components.get("unet")
+        batch = unet.inputs[0].shape[0] if unet is not None else -1
         return int(self.manifest.batch["max"]) if batch < 0 else batch
+
+    def require_components(self) -> None:
+        """Raise unless the bundle holds every component the table does not mark optional (a runtime that
+        cannot run partial bundles calls it; ONNX bundles of single graphs are fine for ONNX Runtime)."""
+        missing = [name for name, c in COMPONENTS.items() if not c.optional and not self.has(name)]
+        if missing:
+            raise SunEdgeError(f"bundle {self.bundle.path} lacks the {', '.join(missing)} component(s); re-export it")
 
     def has(self, component: str) -> bool:
         """Whether the bundle holds ``component`` (a name of ``sun_edge.components.COMPONENTS``)."""

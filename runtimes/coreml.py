@@ -73,6 +73,7 @@ class CoreMLRuntime(GraphRuntime):
         self.backend = "coreml" if backend == "coreml" or (backend == "auto" and sys.platform == "darwin") else "mil"
         self.name = "coreml" if self.backend == "coreml" else MIL_NAME
         self._open_bundle(bundle)
+        self.require_components()
         self.compute_units = compute_units
         if self.backend == "mil":
             warnings.warn("Core ML cannot predict on this platform: running the bundle with the NumPy MIL evaluator, "
