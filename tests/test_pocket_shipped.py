@@ -23,7 +23,8 @@ from sun_edge.pocket.world import ATTRIBUTES  # noqa: E402
 
 PROMPTS = 8
 AGREE = 4  # an image agrees with its prompt when the classifier reads back at least 4 of its 5 attributes
-MOST = 5  # "recognisable": most (at least 5) of the 8 images agree; when written: CFG 25 6, SUN 4 7 (PyTorch)
+NEG_SEEDS = 4  # Fig. 5's check: seeds per shape (sun-edge eval's --negative-seeds)
+MOST = 5  # "recognisable": most (at least 5) of the 8 images agree
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # batch-1 64x64 pictures: fastest on one thread
@@ -100,10 +101,24 @@ def adherence_of(images, scenes):
 
 
 def test_sun_4_steps_is_nearer_the_reference_than_dpm_solver_4_steps(torch_images):
-    """When written: 20.3 dB against 19.3 dB, mean PSNR over the 8 seeds."""
+    """Mean paired PSNR against the CFG 25 image of the same seed, over the 8 seeds (docs/pocket.md has all 64)."""
     ref = torch_images["cfg25"]
     psnr = {m: np.mean([image_psnr(r, o) for r, o in zip(ref, torch_images[m])]) for m in ("dpmpp4", "sun4")}
     assert psnr["sun4"] > psnr["dpmpp4"], psnr
+
+
+def test_a_negative_colour_lowers_that_colours_share_in_sun_images():
+    """Fig. 5 on fixed seeds: ``a <shape>`` (4 shapes x NEG_SEEDS seeds), without a negative prompt and with each
+    colour as it; SUN 4 steps must draw that colour at most half as often (docs/pocket.md: 8 seeds per shape)."""
+    from sun_edge.pipeline import Pipeline
+    from sun_edge.pocket.classifier import load_classifier
+    from sun_edge.pocket.eval import negative_steering
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    pipe = Pipeline(TorchRuntime.load("pocket-base", None))
+    steer = negative_steering(pipe, load_classifier(), methods(64)["sun4"].settings, seeds_per_shape=NEG_SEEDS)
+    without, with_negative = steer.mean()
+    assert without > 0.05 and with_negative <= 0.5 * without, steer.to_dict()
 
 
 def test_the_shipped_adapter_plugs_into_pocket_toon(prompts):
