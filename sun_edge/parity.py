@@ -190,11 +190,14 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
                      prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE,
                      components: Sequence[str] | None = None, settings: Settings = Settings(),
                      target: str = "onnx", precisions: Mapping[str, str] | None = None,
-                     tokenizer: CLIPTokenizer | None = None) -> ParityReport:
+                     tokenizer: CLIPTokenizer | None = None, batch: int | None = None) -> ParityReport:
     """Measure every component of ``candidate`` against ``reference`` on real inputs (module docstring).
 
     ``settings`` is the SUN sampling run whose trajectory feeds the UNet (default: 4 DDIM trailing
     steps at 512x512; its size must be one the candidate accepts). ``components`` limits the check.
+    ``batch`` (default: the candidate's ``max_batch``): above 1, the UNet is also measured on batches of
+    that many images, item k from its own seed's trajectory, against each item's batch-1 reference,
+    so a runtime that mixes batch items fails its ``unet`` row.
     ``precisions`` gives components whose precision differs from ``precision`` (a bundle records
     each component's: an fp16 ONNX bundle keeps its VAE graphs in fp32); thresholds follow it.
     A candidate that computes below the bundle's precision says so in ``info["inference_precision"]``
@@ -236,9 +239,17 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
     timesteps = [int(t[0]) for _, t, _ in paths[seeds[-1]].steps] if paths else []
     steps = [(seed, i, x, t, eps) for seed, path in paths.items() for i, (x, t, eps) in enumerate(path.steps)]
     where = {(seed, i): f"seed {seed}, step {i + 1} (t={int(t[0])})" for seed, i, _, t, _ in steps}
+    n = candidate.max_batch if batch is None else batch
     if "unet" in found:
         for seed, i, x, t, eps in steps:
             measure("unet", eps, candidate.unet(x, t, pos, neg), where[seed, i])
+        if n > 1:  # batch n: item k follows seed seeds[0] + k, each compared with its own batch-1 reference
+            group = [paths[seeds[0]]] + [sun_trajectory(ref_pipe, pos, neg, seeds[0] + k, settings) for k in range(1, n)]
+            for i, (_, t, _) in enumerate(group[0].steps):
+                xs = np.concatenate([path.steps[i][0] for path in group])  # [n, 4, h, w]
+                out = candidate.unet(xs, t, np.repeat(pos, n, axis=0), np.repeat(neg, n, axis=0))
+                for k, path in enumerate(group):
+                    measure("unet", path.steps[i][2], out[k:k + 1], f"batch {n}, item {k}, step {i + 1} (t={int(t[0])})")
         release("unet")
     if "unet_plain" in found:
         for seed, i, x, t, _ in steps:
@@ -262,6 +273,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
     inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "seeds": [int(s) for s in seeds],
               "steps": settings.steps, "scheduler": settings.scheduler, "spacing": settings.spacing,
               "timesteps": timesteps, "height": settings.height, "width": settings.width, "noise": settings.noise,
+              "batches": sorted({1, n}),
               "note": INPUTS_NOTE}
     return ParityReport(rows, target, lowered or precision, reference.name, candidate.name, inputs, skipped)
 

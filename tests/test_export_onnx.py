@@ -180,8 +180,16 @@ def test_existing_output_needs_force_and_is_checked_before_loading(home_env, tmp
     monkeypatch.setattr(TorchRuntime, "load", no_loading)
     code, _, err = run(capsys, "export", "--target", "onnx", "-o", str(out))
     assert code == 2
-    assert error_line(err) == f"error: {out} already exists; pass --force to replace it, or choose another -o"
+    assert error_line(err).startswith(f"error: {out} already exists and is a folder that is not a sun-edge bundle")
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    code, _, err = run(capsys, "export", "--target", "onnx", "--force", "-o", str(out))  # --force cannot delete it
+    assert code == 2 and "--force replaces only a sun-edge bundle" in error_line(err)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    (out / "mine.txt").unlink()
+    (out / "manifest.json").write_text(json.dumps({"format": "sun-edge-bundle", "format_version": 1}))  # a bundle
+    code, _, err = run(capsys, "export", "--target", "onnx", "-o", str(out))
+    assert code == 2
+    assert error_line(err) == f"error: {out} already exists; pass --force to replace it, or choose another -o"
 
 
 def _text_encoder_only(monkeypatch) -> None:
@@ -195,6 +203,7 @@ def test_force_replaces_an_existing_bundle(home_env, tmp_path, capsys, monkeypat
     out = tmp_path / "b"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "manifest.json").write_text(json.dumps({"format": "sun-edge-bundle", "format_version": 1}))  # an old bundle
     code, stdout, err = run(capsys, "export", "--target", "onnx", "--height", "64", "--width", "64", "--force", "-o", str(out))
     assert code == 0, err
     assert f"wrote {out}" in stdout and "text_encoder" in err  # a progress bar per component, on stderr
@@ -223,11 +232,12 @@ def test_an_export_failing_midway_leaves_no_bundle(home_env, tmp_path, monkeypat
 
     old = tmp_path / "old"  # with --force, a failed export leaves the old bundle as it was
     old.mkdir()
-    (old / "manifest.json").write_text("{}")
+    (old / "manifest.json").write_text(json.dumps({"format": "sun-edge-bundle", "format_version": 1}))
     calls.clear()
     with pytest.raises(RuntimeError, match="disk full"):
         export("onnx", "tiny-random", old, options=options, force=True, progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "manifest.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    assert json.loads((old / "manifest.json").read_text()) == {"format": "sun-edge-bundle", "format_version": 1}
 
 
 def test_the_parity_hook_sees_the_complete_bundle_and_is_recorded(home_env, tmp_path, monkeypatch):

@@ -165,11 +165,19 @@ def test_a_manifest_from_another_format_version_is_refused(bundle_copy):
 
 
 def test_a_manifest_claiming_other_shapes_fails_at_session_creation(bundle_copy, step):
-    def claim_16x16(data):
-        data["components"]["unet"]["inputs"][0]["shape"] = [1, 4, 16, 16]
+    def claim_16x16(data):  # a consistent manifest for 128x128 images, over graphs made for 64x64
+        data["image"] = {"height": 128, "width": 128}
+        data["latent"].update(height=16, width=16)
+        for comp in data["components"].values():
+            for spec in comp["inputs"] + comp["outputs"]:
+                spec["shape"] = [{8: 16, 64: 128}.get(d, d) if i >= 2 else d for i, d in enumerate(spec["shape"])]
 
+    one_line = r"components\.unet\.inputs are sample float32 \[1,4,16,16\].* needs sample float32 \[1,4,8,8\]"
+    edit_manifest(bundle_copy, lambda d: d["components"]["unet"]["inputs"][0].update(shape=[1, 4, 16, 16]))
+    with pytest.raises(SunEdgeError, match=one_line):  # an inconsistent manifest is refused on opening
+        OnnxRuntime.open(bundle_copy)
     edit_manifest(bundle_copy, claim_16x16)
-    rt = OnnxRuntime.open(bundle_copy)  # opening reads only the manifest
+    rt = OnnxRuntime.open(bundle_copy)  # consistent with itself: only the graph itself can tell
     message = (r"unet\.onnx declares inputs sample float32 \[1,4,8,8\], .* but manifest\.json says "
                r"sample float32 \[1,4,16,16\], .*the manifest was edited")
     with pytest.raises(SunEdgeError, match=message):

@@ -222,17 +222,13 @@ def test_bad_arguments(reference, same):
 
 
 def write_manifest(directory, precision: str = "fp16") -> None:
-    """A manifest as the ONNX exporter writes it (graph files not needed: the runtime is faked)."""
-    from sun_edge.bundle import Component, Manifest
+    """A valid manifest as the ONNX exporter writes it, over fake graph files (the runtime is faked)."""
+    from bundle_helpers import make_manifest
+
     from sun_edge.bundle import write_manifest as write
 
-    comps = {name: Component(f"{name}.onnx", (), (), precision if name.startswith("unet") or name == "text_encoder" else "fp32")
-             for name in ("text_encoder", "unet", "unet_plain", "vae_decoder", "vae_encoder")}
-    write(directory, Manifest(target="onnx", precision=precision, image={"height": 64, "width": 64},
-                              latent={"channels": 4, "height": 8, "width": 8, "scaling_factor": 0.18215},
-                              text={"tokens": 77, "dim": 32}, components=comps, model={"name": "tiny", "sha256": None},
-                              adapter=None, scheduler={"name": "ddim", "spacing": "trailing", "steps": 4},
-                              baseline={}, tokenizer={}, sun_edge_version="0"))
+    write(directory, make_manifest(directory, ("text_encoder", "unet", "unet_plain", "vae_decoder", "vae_encoder"),
+                                   precision=precision))
 
 
 def test_export_parity_returns_figures_or_refuses(monkeypatch, reference, same, tmp_path):
