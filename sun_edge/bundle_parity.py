@@ -40,7 +40,8 @@ def bundle_report(reference: Runtime, bundle_dir: Path, *, precision: str | None
                  else open_checked_runtime(bundle_dir, provider))
     return compare_runtimes(reference, candidate, precision=precision or manifest.precision, seeds=seeds,
                             settings=Settings.from_manifest(manifest), target=manifest.target,
-                            precisions={name: c.precision for name, c in manifest.components.items()})
+                            precisions={name: c.precision for name, c in manifest.components.items()},
+                            batch=int(manifest.batch["max"]))
 
 
 def export_parity(reference_runtime: Runtime, bundle_dir: Path, precision: str | None = None, *,

@@ -190,12 +190,12 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
                      prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE,
                      components: Sequence[str] | None = None, settings: Settings = Settings(),
                      target: str = "onnx", precisions: Mapping[str, str] | None = None,
-                     tokenizer: CLIPTokenizer | None = None, batch: int | None = None) -> ParityReport:
+                     tokenizer: CLIPTokenizer | None = None, batch: int = 1) -> ParityReport:
     """Measure every component of ``candidate`` against ``reference`` on real inputs (module docstring).
 
     ``settings`` is the SUN sampling run whose trajectory feeds the UNet (default: 4 DDIM trailing
     steps at 512x512; its size must be one the candidate accepts). ``components`` limits the check.
-    ``batch`` (default: the candidate's ``max_batch``): above 1, the UNet is also measured on batches of
+    ``batch`` (a bundle's: its largest batch): above 1, the UNet is also measured on batches of
     that many images, item k from its own seed's trajectory, against each item's batch-1 reference,
     so a runtime that mixes batch items fails its ``unet`` row.
     ``precisions`` gives components whose precision differs from ``precision`` (a bundle records
@@ -239,7 +239,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
     timesteps = [int(t[0]) for _, t, _ in paths[seeds[-1]].steps] if paths else []
     steps = [(seed, i, x, t, eps) for seed, path in paths.items() for i, (x, t, eps) in enumerate(path.steps)]
     where = {(seed, i): f"seed {seed}, step {i + 1} (t={int(t[0])})" for seed, i, _, t, _ in steps}
-    n = candidate.max_batch if batch is None else batch
+    n = batch
     if "unet" in found:
         for seed, i, x, t, eps in steps:
             measure("unet", eps, candidate.unet(x, t, pos, neg), where[seed, i])
