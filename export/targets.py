@@ -134,7 +134,7 @@ TARGETS: Mapping[str, Target] = MappingProxyType({t.name: t for t in (
                     Option("quantize_granularity", "per-tensor (default) or per-grouped-channel (macOS15/iOS18)")),
            options_class="sun_edge.export.coreml:CoreMLOptions",
            summary=".mlpackage programs for Core ML on Apple silicon"),
-    Target("tensorrt", "sun_edge.export.tensorrt", "tensorrt", "onnxruntime", "fp16",
+    Target("tensorrt", "sun_edge.export.tensorrt", "tensorrt", "tensorrt", "fp16",
            MappingProxyType({"fp32": ONNX_FP32, "fp16": ONNX_FP16}),
            summary="strongly typed ONNX graphs and engine build plans for TensorRT (engines: sun-edge build-engines)"),
 )})

@@ -121,9 +121,12 @@ def test_runtime_without_the_plain_unet(tiny):
     parts = copy.deepcopy(tiny)
     real = TorchRuntime(parts["unet"], parts["text_encoder"], parts["vae"], SUNAdapter.from_unet(parts["unet"]).randomize_(1))
 
-    class SunOnly:
-        name, info, latent_channels, vae_scale_factor = "sun-only", {}, 4, 8
-        encode_text, unet, decode = real.encode_text, real.unet, real.decode
+    class SunOnly:  # the Runtime protocol with the SUN UNet and no plain UNet
+        name, info, latent_channels, vae_scale_factor, max_batch = "sun-only", {}, 4, 8, 1
+        encode_text, unet, decode, decode_full = real.encode_text, real.unet, real.decode, real.decode
+
+        def has(self, component):
+            return component in ("text_encoder", "unet", "vae_decoder")
 
     result = run_bench(SunOnly(), repeats=1, height=64, width=64)
     assert set(result.seconds) == {"text_encode", "unet_sun_b1", "vae_decode", "sun4"}
