@@ -13,20 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from sun_edge import __version__
-from sun_edge import cli_make
+from sun_edge import cli_check, cli_make
+from sun_edge.cli_common import (DEFAULT_MODEL, add_model_args, add_openvino_args, openvino_options,
+                                 openvino_provider, runtime_options)
 from sun_edge.errors import SunEdgeError
 from sun_edge.settings import check_output_file
 from sun_edge.runtimes.torch_speed import OPTIMIZATIONS
-
-DEFAULT_MODEL = "pocket-base"
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or path (default: {DEFAULT_MODEL}; see `sun-edge models`)")
-    p.add_argument("--adapter", help="SUN adapter .safetensors (default: the one shipped beside the model, if any)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="merge a kohya/civitai LoRA first (repeatable)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt checkpoints (they can run code; only for files you trust)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sun-edge", description="SpeedUpNet (SUN): 4-step Stable Diffusion 1.5 with negative prompts, for edge runtimes.")
@@ -34,14 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="prompt to PNG (SUN 4 steps, or the CFG baseline)")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("--bundle", type=Path, help="run an exported bundle (sun-edge export) instead of --model, with ONNX Runtime or Core ML as its target says; needs no PyTorch")
     g.add_argument("--runtime", help="with --bundle: the runtime to run it with (default: the one its target names; "
                                      "coreml-mil: a Core ML bundle through the NumPy MIL evaluator, for checking off macOS)")
     g.add_argument("--provider", default="cpu", help="with --bundle: ONNX Runtime execution provider: cpu (default), cuda, tensorrt, coreml")
     g.add_argument("--no-cuda-graphs", action="store_true", help="with a TensorRT bundle: run each UNet step without CUDA graph replay")
     g.add_argument("--compute-units", default="all", help="with a Core ML bundle on macOS: all (default), cpu-and-gpu, cpu-and-ne, cpu-only")
-    _add_openvino_args(g)
+    add_openvino_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--mode", choices=["sun", "cfg"], default="sun", help="sun: one UNet call per step; cfg: the classifier-free guidance baseline")
@@ -72,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("path", type=Path)
     a.add_argument("--model", help="check it against this model's UNet (default: SD1.5's architecture)")
     a.add_argument("--allow-pickle", action="store_true")
-    cli_make.add_export_parser(sub, _add_model_args)
+    cli_make.add_export_parser(sub, add_model_args)
     cli_make.add_build_engines_parser(sub)
-    _add_check_parsers(sub)
+    cli_check.add_check_parsers(sub)
     _add_serve_parsers(sub)
     cli_make.add_train_parser(sub)
     cli_make.add_eval_parser(sub)
@@ -87,50 +79,14 @@ def _outputs(output: Path, seeds: Sequence[int]) -> list[Path]:
     return [output.with_name(f"{output.stem}-s{seed}{output.suffix}") for seed in seeds]
 
 
-def _add_openvino_args(p: argparse.ArgumentParser) -> None:
-    """The OpenVINO runtime's flags (``--device`` names its device: CPU, GPU, NPU, AUTO)."""
-    o = p.add_argument_group("openvino runtime (with --bundle --runtime openvino, or --provider openvino)")
-    o.add_argument("--ov-precision", choices=["f32", "bf16", "f16"],
-                   help="inference precision (default: bf16 on CPUs with AMX or AVX512-BF16, else f32; f16 on GPU/NPU)")
-    o.add_argument("--ov-cache-dir", type=Path, help="cache compiled models here: the second start imports them")
-
-
-def _openvino_provider(args: argparse.Namespace) -> None:
-    """``--provider openvino`` is ``--runtime openvino``: OpenVINO runs the ONNX bundle itself here."""
-    if getattr(args, "provider", None) != "openvino":
-        return
-    runtimes = args.runtime if isinstance(args.runtime, list) else [args.runtime] if args.runtime else []
-    if any(r != "openvino" for r in runtimes):
-        raise SunEdgeError(f"--provider openvino runs the bundle with the openvino runtime; drop --runtime {runtimes[0]}")
-    args.runtime = ["openvino"] if isinstance(args.runtime, list) or args.command == "bench" else "openvino"
-    args.provider = "cpu"
-
-
-def _openvino_options(args: argparse.Namespace, runtimes: Sequence[str | None]) -> dict[str, Any]:
-    """``ov_device`` (from ``--device``), ``ov_precision``, ``ov_cache_dir`` for a bundle run with openvino; refused otherwise."""
-    if "openvino" not in runtimes:
-        for flag in ("ov_precision", "ov_cache_dir"):
-            if getattr(args, flag, None) is not None:
-                raise SunEdgeError(f"--{flag.replace('_', '-')} applies to --runtime openvino")
-        return {}
-    from sun_edge.runtimes.openvino import check_device
-
-    try:
-        device = check_device(args.device)
-    except SunEdgeError:
-        raise SunEdgeError(f"--device {args.device} is a torch device (for --model); with --runtime openvino give an "
-                           "OpenVINO device: CPU, GPU, NPU or AUTO") from None
-    return {"ov_device": device, "ov_precision": args.ov_precision, "ov_cache_dir": args.ov_cache_dir}
-
-
 def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
     """The bundle's runtime (as its target says) and its tokenizer; imports no torch."""
     from sun_edge.runtimes import open_bundle_runtime
 
     if args.adapter or args.lora:
         raise SunEdgeError("--adapter and --lora are fused into a bundle at export; drop them with --bundle")
-    _openvino_provider(args)
-    openvino = _openvino_options(args, [args.runtime])
+    openvino_provider(args)
+    openvino = openvino_options(args, [args.runtime])
     if (args.precision, "cpu" if openvino else args.device) != ("fp32", "cpu"):
         raise SunEdgeError("--precision and --device apply to --model; a bundle's are fixed at export "
                            "(choose the hardware with --provider)")
@@ -140,16 +96,10 @@ def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
     if args.optimize != "none":
         raise SunEdgeError("--optimize applies to --model (the PyTorch runtime); a TensorRT bundle captures CUDA graphs "
                            "itself (--no-cuda-graphs turns that off)")
-    runtime = open_bundle_runtime(bundle, args.runtime, **_runtime_options(args), **openvino)
+    runtime = open_bundle_runtime(bundle, args.runtime, **runtime_options(args), **openvino)
     if args.mode == "cfg" or args.compare:
         runtime.require_baseline()  # before sampling starts
     return runtime, runtime.tokenizer()
-
-
-def _runtime_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The bundle-runtime options given on the command line (``open_bundle_runtime`` refuses those that do not apply)."""
-    return {"provider": args.provider, "compute_units": getattr(args, "compute_units", "all"),
-            "cuda_graphs": not getattr(args, "no_cuda_graphs", False), "vae_decoder": getattr(args, "vae_decoder", "full")}
 
 
 def _torch_runtime(args: argparse.Namespace, mode: str) -> Any:
@@ -282,136 +232,6 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_check_parsers(sub: Any) -> None:
-    """The ``parity`` and ``bench`` subcommands."""
-    p = sub.add_parser("parity", help="re-check a bundle against the PyTorch reference: PSNR per component on real inputs")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--seeds", type=int, default=1, metavar="N", help="check seeds 0..N-1 (default 1)")
-    p.add_argument("--model", help="reference model (default: the path recorded in the bundle's manifest)")
-    p.add_argument("--adapter", help="reference adapter (default: the path recorded in the bundle's manifest)")
-    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRAs merged at export (default: as recorded)")
-    p.add_argument("--vae-decoder", metavar="tiny:PATH",
-                   help="reference TAESD decoder for a bundle that has one (default: the path recorded in its manifest)")
-    p.add_argument("--allow-pickle", action="store_true")
-    p.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider (default: cpu; openvino: --runtime openvino)")
-    p.add_argument("--runtime", help="the runtime to check the bundle with (default: the one its target is checked with)")
-    p.add_argument("--device", default="cpu", help="with --runtime openvino: CPU (default), GPU, NPU or AUTO")
-    _add_openvino_args(p)
-    p.add_argument("--json", type=Path, help="also write the figures to this file")
-
-    b = sub.add_parser("bench", help="time SUN 4 steps against CFG 25 steps: UNet steps, whole images, decode, memory")
-    source = b.add_mutually_exclusive_group()
-    source.add_argument("--bundle", type=Path, help="an exported bundle, run with ONNX Runtime")
-    source.add_argument("--model", help=f"a model for the PyTorch reference (default: {DEFAULT_MODEL})")
-    b.add_argument("--adapter", help="with --model: SUN adapter (default: the one beside the model)")
-    b.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH", help="with --model: also time a TAESD decoder")
-    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="with --model (default: fp32)")
-    b.add_argument("--device", default="cpu", help="with --model: torch device (default: cpu); with --runtime openvino: "
-                                                 "CPU, GPU, NPU or AUTO")
-    b.add_argument("--optimize", default="none", choices=OPTIMIZATIONS,
-                   help="with --model: UNet calls eager (none), as CUDA graphs, or through torch.compile (default: none)")
-    b.add_argument("--runtime", nargs="+", help="with --bundle: the runtime(s) to time (default: the one its target "
-                                                "names); several, e.g. onnxruntime openvino: side by side in one run")
-    b.add_argument("--provider", default="cpu", help="with --bundle: ONNX Runtime execution provider (default: cpu)")
-    _add_openvino_args(b)
-    b.add_argument("--repeats", type=int, default=3, help="timed repeats per form, after one warm-up (default 3)")
-    b.add_argument("--size", type=int, help="image height = width (default: the bundle's, or the model's own: SD1.5 512)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--steps-only", action="store_true", help="time the UNet steps and decoders only, not whole images")
-    b.add_argument("--json", type=Path, help="also write every figure (and the machine) to this file")
-
-
-def _check_json_path(path: Path | None) -> None:
-    check_output_file(path, "--json")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    import json
-
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {path}")
-
-
-def cmd_parity(args: argparse.Namespace) -> int:
-    from sun_edge.bundle_parity import check_bundle
-    from sun_edge.models import parse_lora_arg
-
-    _check_json_path(args.json)
-    if args.seeds < 1:
-        raise SunEdgeError(f"--seeds must be at least 1, got {args.seeds}")
-    loras = [parse_lora_arg(text) for text in args.lora] if args.lora else None
-    _openvino_provider(args)
-    openvino = _openvino_options(args, [args.runtime])
-    if args.device != "cpu" and not openvino:
-        raise SunEdgeError("--device applies to --runtime openvino (an OpenVINO device: CPU, GPU, NPU, AUTO)")
-    check = check_bundle(args.bundle, seeds=range(args.seeds), model=args.model, adapter=args.adapter, loras=loras,
-                         allow_pickle=args.allow_pickle, provider=args.provider, vae_decoder=args.vae_decoder,
-                         **({"runtime": args.runtime} if args.runtime else {}), **openvino)
-    for problem in check.mismatches:
-        print(f"warning: the reference is not what {args.bundle} was exported from: {problem}", file=sys.stderr)
-    print(check.report.table())
-    if args.json:
-        _write_json(args.json, check.to_dict())
-    return 0 if check.report.passed else 1
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from sun_edge.bench import run_bench, run_bench_many
-
-    _check_json_path(args.json)
-    info: dict[str, Any] = {}
-    size = (args.size, args.size) if args.size is not None else None
-    if size is not None:
-        from sun_edge.settings import Settings
-
-        Settings(height=args.size, width=args.size).validate()
-    if args.bundle:
-        from sun_edge.bundle import open_bundle
-        from sun_edge.runtimes import open_bundle_runtime
-
-        if args.adapter or args.vae_decoder != "full":
-            raise SunEdgeError("--adapter and --vae-decoder apply to --model; a bundle has its graphs built in "
-                               "(its TAESD decoder, if exported, is timed as well)")
-        _openvino_provider(args)
-        names = args.runtime or [None]
-        openvino = _openvino_options(args, names)
-        if args.device != "cpu" and not openvino:
-            raise SunEdgeError("--device applies to --model (a torch device) or to --runtime openvino (an OpenVINO device)")
-        bundle = open_bundle(args.bundle)
-        manifest = bundle.manifest
-        size = size or (int(manifest.image["height"]), int(manifest.image["width"]))
-        info.update(bundle=str(args.bundle), target=manifest.target, precision=manifest.precision, provider=args.provider)
-        if len(names) > 1:
-            runtimes = [open_bundle_runtime(bundle, name, provider=args.provider,
-                                            **(openvino if name == "openvino" else {})) for name in names]
-            infos = [{**info, **{k: v for k, v in r.info.items() if k in ("ov_device", "inference_precision",
-                                                                          "precision_reason", "openvino")}}
-                     for r in runtimes]
-            compared = run_bench_many(runtimes, repeats=args.repeats, height=size[0], width=size[1],
-                                      steps_only=args.steps_only, seed=args.seed, infos=infos)
-            print(compared.table())
-            if args.json:
-                _write_json(args.json, compared.to_dict())
-            return 0
-        runtime = open_bundle_runtime(bundle, names[0], provider=args.provider, **openvino)
-        info.update({k: v for k, v in runtime.info.items() if k in ("ov_device", "inference_precision",
-                                                                    "precision_reason", "openvino")})
-    else:
-        from sun_edge.runtimes.pytorch import TorchRuntime
-
-        runtime = TorchRuntime.load(args.model or DEFAULT_MODEL, args.adapter, device=args.device,
-                                    precision=args.precision, vae_decoder=args.vae_decoder, optimize=args.optimize)
-        info.update(precision=args.precision, device=args.device, vae_decoder=args.vae_decoder, optimize=args.optimize)
-        size = size or (runtime.native_size, runtime.native_size)
-    result = run_bench(runtime, repeats=args.repeats, height=size[0], width=size[1], steps_only=args.steps_only,
-                       seed=args.seed, info=info)
-    print(result.table())
-    if args.json:
-        _write_json(args.json, result.to_dict())
-    return 0
-
-
-# The CLI's words for the library's fixes (sun_edge.errors.FIXES): the flags to pass.
 CLI_FIXES = {
     "adapter": ": pass --adapter PATH to a SUN adapter .safetensors",
     "adapter_or_cfg": ": pass --adapter, or use --mode cfg",
@@ -446,7 +266,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return bench(args)
 
 
-COMMANDS = {"generate": cmd_generate, "models": cmd_models, "adapter": cmd_adapter, "parity": cmd_parity, "bench": cmd_bench,
+COMMANDS = {"generate": cmd_generate, "models": cmd_models, "adapter": cmd_adapter, **cli_check.COMMANDS,
             "serve": cmd_serve, "bench-serve": cmd_bench_serve, **cli_make.COMMANDS}
 
 
