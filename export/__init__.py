@@ -59,10 +59,10 @@ class ExportOptions:
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= MAX_BATCH:
             raise SunEdgeError(f"max batch {self.max_batch!r} is outside [1, {MAX_BATCH}]")
         for side, value in (("height", self.height), ("width", self.width)):
-            if value is not None and not 8 <= value <= MAX_SIDE:
-                raise SunEdgeError(f"{side} {value} is outside [8, {MAX_SIDE}]")
-            if value is not None and value % 8:
+            if value is not None and (value < 8 or value % 8):
                 raise SunEdgeError(f"{side} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
+            if value is not None and value > MAX_SIDE:
+                raise SunEdgeError(f"{side} {value} is outside [8, {MAX_SIDE}]")
 
 
 def target_module(name: str) -> ModuleType:

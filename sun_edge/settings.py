@@ -144,8 +144,10 @@ class Settings:
         if not 0.0 <= self.guidance <= MAX_GUIDANCE:
             raise SunEdgeError(f"guidance {self.guidance:g} is outside [0, {MAX_GUIDANCE:g}]")
         for side, value in (("height", self.height), ("width", self.width)):
-            _check_int(side, value, 8, MAX_SIDE)
-            if value % 8:
+            _check_int(side, value, -(2**63), 2**63)  # a whole number first; then the size's own two rules
+            if value < 8 or value % 8:
                 raise SunEdgeError(f"{side} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
+            if value > MAX_SIDE:
+                raise SunEdgeError(f"{side} {value} is outside [8, {MAX_SIDE}]")
         if self.noise not in NOISE_KINDS:
             raise SunEdgeError(f"unknown noise {self.noise!r}; valid: {', '.join(NOISE_KINDS)}")

@@ -118,8 +118,9 @@ def no_model_load(monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--width", "0"], "width 0 is outside [8, 2048]"),
-    (["--height", "0"], "height 0 is outside [8, 2048]"),
+    (["--width", "0"], "width 0 is not a positive multiple of 8; use e.g. 8"),
+    (["--height", "0"], "height 0 is not a positive multiple of 8; use e.g. 8"),
+    (["--height", "4096"], "height 4096 is outside [8, 2048]"),
     (["--width", "100000", "--height", "100000"], "is outside [8, 2048]"),
     (["--width", "100"], "width 100 is not a positive multiple of 8"),
     (["--steps", "0"], "steps 0 is outside [1, 1000]"),
@@ -164,10 +165,10 @@ def test_bad_json_paths_for_parity_and_bench(home_env, tmp_path, capsys):
 
 def test_sizes_of_zero_reach_the_check_in_bench_and_export(home_env, tmp_path, capsys):
     code, _, err = run(capsys, "bench", "--size", "0")
-    assert code == 2 and "height 0 is outside [8, 2048]" in error_line(err)
+    assert code == 2 and "height 0 is not a positive multiple of 8" in error_line(err)
     code, _, err = run(capsys, "export", "--target", "onnx", "--model", "tiny-random", "--height", "0",
                        "-o", str(tmp_path / "b"))
-    assert code == 2 and "height 0 is outside [8, 2048]" in error_line(err)
+    assert code == 2 and "height 0 is not a positive multiple of 8" in error_line(err)
     assert not (tmp_path / "b").exists()
 
 
