@@ -16,14 +16,12 @@ from sun_edge.parity import ParityReport, check_report, compare_runtimes
 from sun_edge.pipeline import Settings
 
 
-def open_checked_runtime(bundle_dir: Path, provider: str = "cpu", runtime: str | None = None, **options: Any) -> Runtime:
-    """Open a bundle directory with ``runtime``, by default the one its target checks with here (Core ML's
+def open_checked_runtime(bundle: Any, provider: str = "cpu", runtime: str | None = None, **options: Any) -> Runtime:
+    """The runtime for an opened bundle: ``runtime``, by default the one its target checks with here (Core ML's
     evaluator off macOS); ``options`` are that runtime's (``ov_device``, ``ov_precision`` for openvino)."""
-    from sun_edge.bundle import open_bundle
     from sun_edge.export.targets import target
     from sun_edge.runtimes import open_bundle_runtime
 
-    bundle = open_bundle(bundle_dir)
     return open_bundle_runtime(bundle, runtime or target(bundle.manifest.target).parity_runtime, provider=provider,
                                **options)
 
@@ -32,12 +30,12 @@ def bundle_report(reference: Runtime, bundle_dir: Path, *, precision: str | None
                   provider: str = "cpu", runtime: str | None = None, **options: Any) -> ParityReport:
     """Compare a bundle's graphs with ``reference`` at the bundle's size and scheduler, each component at its precision
     (or at the one the runtime reports, ``sun_edge.parity.compare_runtimes``); ``runtime`` and ``options`` as
-    ``open_checked_runtime``'s."""
+    ``open_checked_runtime``'s. The bundle is opened (and its hashes checked) once."""
     from sun_edge.bundle import open_bundle
 
-    manifest = open_bundle(bundle_dir).manifest
-    candidate = (open_checked_runtime(bundle_dir, provider, runtime, **options) if runtime is not None or options
-                 else open_checked_runtime(bundle_dir, provider))
+    bundle = open_bundle(bundle_dir)
+    manifest = bundle.manifest
+    candidate = open_checked_runtime(bundle, provider, runtime, **options)
     return compare_runtimes(reference, candidate, precision=precision or manifest.precision, seeds=seeds,
                             settings=Settings.from_manifest(manifest), target=manifest.target,
                             precisions={name: c.precision for name, c in manifest.components.items()},

@@ -235,8 +235,8 @@ def test_export_parity_returns_figures_or_refuses(monkeypatch, reference, same, 
     """The exporter's hook: figures for the manifest, or one line that stops the export."""
     opened = []
 
-    def fake_open(bundle_dir, provider="cpu"):
-        opened.append((bundle_dir, provider))
+    def fake_open(bundle, provider="cpu", runtime=None, **options):
+        opened.append((bundle.path, provider))
         return candidate
 
     monkeypatch.setattr(bundle_parity, "open_checked_runtime", fake_open)
