@@ -82,7 +82,7 @@ class RequireKey:
 
 def create_app(engine: Engine, config: AppConfig = AppConfig()) -> FastAPI:
     app = FastAPI(title="sun-edge", docs_url=None, redoc_url=None, openapi_url=None)
-    routers = (api_native.router, api_a1111.router, api_openai.router)
+    routers = (api_native.router, api_a1111.router, api_a1111.controlnet_router, api_openai.router)
     for router in routers:
         app.include_router(router)
     routes = {"/", "/healthz", "/readyz", "/metrics"} | {r.path for router in routers for r in router.routes}

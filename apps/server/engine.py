@@ -1,9 +1,11 @@
 """The batching engine: one worker thread owns the runtime; requests wait in a bounded queue.
 
-A request (a ``Ticket``) is a list of ``Job``s (prompt, negative prompt, seed) under one ``Settings``.
-The worker takes the oldest waiting ticket, waits up to the batch window for more tickets with the
-same settings (size, steps, mode, scheduler, guidance), and runs up to ``max_batch`` of their jobs
-in one ``Pipeline.generate_batch`` call. Batches are independent (DESIGN.md): each image is the one
+A request (a ``Ticket``) is a list of ``Job``s (prompt, negative prompt, seed, and the images of an
+edit: init image, mask, ControlNet condition) under one ``Settings``. The worker takes the oldest
+waiting ticket, waits up to the batch window for more tickets with the same key (the settings: size,
+steps, mode, scheduler, guidance, strength, mask blur, control scale; and which images its jobs carry),
+and runs up to ``max_batch`` of their jobs in one ``Pipeline.generate_batch`` call: each job brings
+its own images, so img2img requests with different pictures share a batch. Batches are independent (DESIGN.md): each image is the one
 its seed gives alone, whoever shares its batch. A cancelled ticket (timeout, client gone) leaves the
 queue at once; a running batch whose tickets are all cancelled stops at its next UNet step.
 """
@@ -64,6 +66,11 @@ class _Abandoned(Exception):
     """Every ticket of the running batch was cancelled: stop sampling."""
 
 
+def job_kind(job: Job) -> tuple[str, ...]:
+    """Which images a job carries: jobs share a batch only with jobs that carry the same ones."""
+    return tuple(name for name in ("init_image", "mask", "control_image") if getattr(job, name, None) is not None)
+
+
 @dataclass(eq=False)
 class Ticket:
     jobs: list[Job]
@@ -73,9 +80,11 @@ class Ticket:
     next: int = 0  # the next job to schedule
     done: int = 0
     cancelled: bool = False
+    key: tuple[Any, ...] = field(default=(), init=False)  # the batching key: the settings and the job kind
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.jobs)
+        self.key = (self.settings, job_kind(self.jobs[0]) if self.jobs else ())
 
     @property
     def waiting(self) -> int:
@@ -225,31 +234,31 @@ class Engine:
                     self._lock.wait()
                 if self.stopping:
                     return
-                key = self._pending[0].settings
+                key = self._pending[0].key
                 deadline = time.monotonic() + self.config.batch_window_s
                 while (self._count(key) < self.max_batch and not self.stopping
                        and (left := deadline - time.monotonic()) > 0):
                     self._lock.wait(left)
                 if not self._pending:
                     continue  # everything waiting was cancelled
-                key = self._pending[0].settings
+                key = self._pending[0].key
                 batch = self._take(key)
                 self._running = list(dict.fromkeys(t for t, _ in batch))
                 self._interrupt = False
                 self.observer.queue_depth(self.depth())
             try:
-                self._run(key, batch)
+                self._run(key[0], batch)
             finally:
                 with self._lock:
                     self._running = []
 
-    def _count(self, key: Settings) -> int:
-        return sum(t.waiting for t in self._pending if t.settings == key)
+    def _count(self, key: tuple[Any, ...]) -> int:
+        return sum(t.waiting for t in self._pending if t.key == key)
 
-    def _take(self, key: Settings) -> list[tuple[Ticket, int]]:
+    def _take(self, key: tuple[Any, ...]) -> list[tuple[Ticket, int]]:
         batch: list[tuple[Ticket, int]] = []
         for ticket in list(self._pending):
-            if ticket.settings != key:
+            if ticket.key != key:
                 continue
             while ticket.waiting and len(batch) < self.max_batch:
                 batch.append((ticket, ticket.next))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import anyio
@@ -21,6 +21,7 @@ from sun_edge.errors import SunEdgeError
 from sun_edge.pipeline import Generated, Job
 from sun_edge.settings import Settings
 from sun_edge_server.engine import Cancelled, Draining, Engine, Interrupted, NotReady, QueueFull, ShutDown
+from sun_edge_server.images import Edit
 from sun_edge_server.limits import ApiError, one_line
 
 # The server's words for the library's fixes (sun_edge.errors.FIXES): what a client can change.
@@ -45,6 +46,7 @@ class Spec:
     width: int | None = None
     height: int | None = None
     guidance: float | None = None
+    edit: Edit | None = None  # img2img, inpainting, ControlNet: the images and their settings
 
 
 @dataclass
@@ -75,6 +77,27 @@ def settings_for(engine: Engine, spec: Spec) -> Settings:
         field_name = next((w for w in ("height", "width", "steps", "mode", "scheduler", "guidance")
                            if text.startswith(w) or f" {w} " in text[:40]), None)
         raise ApiError(422, text, field_name) from None
+
+
+def edit_settings(engine: Engine, edit: Edit, settings: Settings) -> Settings:
+    """``settings`` with the edit's fields, checked by ``Settings.validate``, on a source that can run them."""
+    source = serving(engine)
+    job_fields = {f.name for f in fields(Job)}
+    if not {"init_image", "mask", "control_image"} <= job_fields:
+        raise ApiError(501, "this sun-edge library has no img2img, inpainting or ControlNet yet; upgrade sun-edge",
+                       kind="server_error")
+    if edit.init_images and not source.runtime.has("vae_encoder"):
+        raise ApiError(422, f"{source.name} has no VAE encoder, which img2img needs; re-export the bundle with it",
+                       "init_images")
+    if edit.control and not source.runtime.has("controlnet"):
+        raise ApiError(422, "this server loads no ControlNet (start it with sun-edge serve --controlnet FILE); drop "
+                            "alwayson_scripts.controlnet", "alwayson_scripts")
+    edited = edit.settings(settings)
+    try:
+        edited.validate()
+    except SunEdgeError as e:
+        raise ApiError(422, one_line(e.render(SERVER_FIXES))) from None
+    return edited
 
 
 def truncation_warnings(engine: Engine, spec: Spec) -> list[str]:
@@ -118,9 +141,12 @@ async def generate(request: Request, spec: Spec) -> Outcome:
     state = request.app.state.sun
     engine: Engine = state.engine
     settings = settings_for(engine, spec)
-    warnings = truncation_warnings(engine, spec)
+    if spec.edit is not None:
+        settings = edit_settings(engine, spec.edit, settings)
+    warnings = truncation_warnings(engine, spec) + list(spec.edit.notes if spec.edit else ())
     seeds = seeds_for(spec.seed, spec.count)
-    jobs = [Job(spec.prompt, spec.negative_prompt, s) for s in seeds]
+    images = [spec.edit.images_for(i, settings.width, settings.height) if spec.edit else {} for i in range(len(seeds))]
+    jobs = [Job(spec.prompt, spec.negative_prompt, s, **extra) for s, extra in zip(seeds, images)]
     try:
         ticket = engine.submit(jobs, settings)
     except QueueFull as e:

@@ -27,6 +27,9 @@ class Limits:
     max_images: int = 8  # per request (A1111 batch_size * n_iter, OpenAI n, native n)
     max_body_bytes: int = 1 << 20  # A1111 clients send large bodies of settings they do not use
     max_prompt_chars: int = 4000  # the text encoder reads 77 tokens; the rest is cut, with a warning
+    max_image_body_bytes: int = 32 << 20  # img2img and ControlNet requests carry base64 images
+    max_image_bytes: int = 12 << 20  # one image's base64 text (about 9 MB of PNG or JPEG)
+    max_image_pixels: int = 4096 * 4096  # one decoded image, read from its header before any pixel is decoded
 
 
 class ApiError(Exception):
@@ -47,19 +50,21 @@ def one_line(text: str) -> str:
     return _PATH.sub("<path>", line)
 
 
-async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
-    """The body as a JSON object, read no further than ``limits.max_body_bytes``."""
+async def read_json(request: Request, limits: Limits, images: bool = False) -> dict[str, Any]:
+    """The body as a JSON object, read no further than ``limits.max_body_bytes`` (``max_image_body_bytes``
+    on the routes that take images)."""
+    most = limits.max_image_body_bytes if images else limits.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        if int(declared) <= 8 * limits.max_body_bytes:  # read it away, so the client sees the 413, not a reset
+    if declared is not None and declared.isdigit() and int(declared) > most:
+        if int(declared) <= 8 * most:  # read it away, so the client sees the 413, not a reset
             async for _ in request.stream():
                 pass
-        raise ApiError(413, f"request body of {declared} bytes is over the limit of {limits.max_body_bytes} bytes")
+        raise ApiError(413, f"request body of {declared} bytes is over the limit of {most} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise ApiError(413, f"request body is over the limit of {limits.max_body_bytes} bytes")
+        if size > most:
+            raise ApiError(413, f"request body is over the limit of {most} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
     if not body.strip():
@@ -97,6 +102,29 @@ def field_float(body: dict[str, Any], name: str, default: float, low: float, hig
     if not low <= value <= high:
         raise ApiError(422, f"{name} {value:g} is outside [{low:g}, {high:g}]", name)
     return float(value)
+
+
+def field_fraction(body: dict[str, Any], name: str, default: float) -> float:
+    """A number in (0, 1], such as a denoising strength."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(422, f"{name} must be a number in (0, 1], got {_show(value)}", name)
+    if not 0 < value <= 1:
+        raise ApiError(422, f"{name} {value:g} is outside (0, 1]: 1 repaints everything, smaller keeps more of "
+                            "the init image", name)
+    return float(value)
+
+
+def field_flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    """A yes/no field: true/false, or 0/1 as A1111 clients send some of them."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    raise ApiError(422, f"{name} must be true or false (or 0 or 1), got {_show(value)}", name)
 
 
 def field_text(body: dict[str, Any], name: str, limits: Limits, default: str = "") -> str:
