@@ -75,7 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=PromptTruncatedWarning)  # each response says what was cut
     key = args.api_key or os.environ.get("SUN_EDGE_API_KEY") or None
-    source = SourceOptions(bundle=args.bundle, model=args.model, adapter=args.adapter, runtime=args.runtime,
+    source = SourceOptions(bundle=args.bundle, model=args.model, adapter=args.adapter, controlnet=args.controlnet,
+                           runtime=args.runtime,
                            provider=args.provider, cuda_graphs=not args.no_cuda_graphs, device=args.device,
                            precision=args.precision, optimize=args.optimize, threads=args.threads)
     engine = Engine(EngineConfig(max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000, queue=args.queue))
