@@ -130,6 +130,50 @@ MODELS = MappingProxyType(
 )
 
 
+@dataclass(frozen=True)
+class ControlNetEntry:
+    """A ControlNet users ask for by name (``--controlnet NAME``): a diffusers folder under ``POCKET_DIR``."""
+
+    name: str
+    display_name: str
+    folder: str  # under POCKET_DIR
+    model: str  # the registry model it was trained on (frozen)
+    condition: str  # what its control image shows
+
+
+CONTROLNETS = MappingProxyType(
+    {
+        entry.name: entry
+        for entry in (
+            ControlNetEntry(
+                "pocket-silhouette",
+                "Pocket SD silhouette ControlNet (retrain: scripts/train_pocket_controlnet.py)",
+                "controlnet-silhouette",
+                "pocket-base",
+                "the shapes' silhouettes, white on black, at the image size",
+            ),
+        )
+    }
+)
+
+
+def resolve_controlnet(name_or_path: str) -> Path:
+    """``--controlnet`` text -> a file or folder: an existing path wins, then ``CONTROLNETS`` names."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    entry = CONTROLNETS.get(name_or_path)
+    if entry is None:
+        if _looks_like_path(name_or_path):
+            raise SunEdgeError(f"ControlNet path {name_or_path} does not exist")
+        raise SunEdgeError(f"unknown ControlNet '{name_or_path}': pass a file or folder path, or one of: "
+                           f"{', '.join(CONTROLNETS)}")
+    if not (POCKET_DIR / entry.folder / "config.json").is_file():
+        raise SunEdgeError(f"ControlNet '{entry.name}' should ship inside sun-edge but {POCKET_DIR / entry.folder} "
+                           "is missing: reinstall sun-edge, or retrain it with scripts/train_pocket_controlnet.py")
+    return POCKET_DIR / entry.folder
+
+
 def models_home() -> Path:
     """The sun-edge home: ``$SUN_EDGE_HOME``, or ``~/.cache/sun-edge``."""
     env = os.environ.get("SUN_EDGE_HOME")
