@@ -140,6 +140,40 @@ TARGETS: Mapping[str, Target] = MappingProxyType({t.name: t for t in (
 )})
 
 
+@dataclass(frozen=True)
+class Packaging:
+    """A target that packages a bundle for a serving system (a Triton model repository) rather than being one.
+
+    No runtime runs it and parity has nothing new to check (the bundle inside was checked when it was
+    exported), so it is not in ``TARGETS``. Its module provides ``export_from_bundle(bundle, out, options,
+    *, force, progress)`` and ``export_model(model, out, options, *, adapter, loras, allow_pickle, force,
+    parity, progress, vae_decoder)`` (which exports a bundle of one of ``bundle_targets`` into it).
+    """
+
+    name: str
+    module: str
+    options_class: str  # "module:Class": ExportOptions plus the packaging's own options
+    bundle_targets: tuple[str, ...]  # the bundle targets it can package
+    options: tuple[Option, ...] = ()
+    summary: str = ""
+
+
+PACKAGINGS: Mapping[str, Packaging] = MappingProxyType({p.name: p for p in (
+    Packaging("triton", "sun_edge.export.triton", "sun_edge.export.triton:TritonOptions", ("onnx", "tensorrt"),
+              options=(Option("bundle", "package this bundle (onnx or tensorrt; nothing is loaded) instead of exporting --model"),
+                       Option("bundle_target", "the bundle exported into the repository from --model: onnx (default) or tensorrt",
+                              choices=("onnx", "tensorrt")),
+                       Option("instance_kind", "KIND_CPU or KIND_GPU model instances (default: gpu for TensorRT, else cpu)",
+                              choices=("cpu", "gpu")),
+                       Option("instances", "model instances per device (default 1: one per GPU)", int),
+                       Option("gpus", "with --instance-kind gpu: GPU numbers, e.g. 0,1 (default: every GPU Triton sees)"),
+                       Option("queue_delay_us", "dynamic batching: how long a request waits for others (default 20000)", int),
+                       Option("max_steps", "most sampling steps a request may ask for (default 50)", int),
+                       Option("model_name", "the Triton model's name (default sun_edge)")),
+              summary="a Triton Inference Server model repository: a python-backend model running the bundle's pipeline"),
+)})
+
+
 def target(name: str) -> Target:
     """The registry entry of ``name``; unknown names list the valid ones."""
     if name not in TARGETS:

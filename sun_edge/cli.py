@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sun_edge import __version__
-from sun_edge import cli_check, cli_make
+from sun_edge import cli_check, cli_make, cli_triton
 from sun_edge.cli_common import (DEFAULT_MODEL, add_model_args, add_openvino_args, openvino_options,
                                  openvino_provider, runtime_options)
 from sun_edge.errors import SunEdgeError
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_make.add_build_engines_parser(sub)
     cli_check.add_check_parsers(sub)
     _add_serve_parsers(sub)
+    cli_triton.add_triton_parser(sub)
     cli_make.add_train_parser(sub)
     cli_make.add_eval_parser(sub)
     return parser
@@ -267,7 +268,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "models": cmd_models, "adapter": cmd_adapter, **cli_check.COMMANDS,
-            "serve": cmd_serve, "bench-serve": cmd_bench_serve, **cli_make.COMMANDS}
+            "serve": cmd_serve, "bench-serve": cmd_bench_serve, "triton": cli_triton.cmd_triton, **cli_make.COMMANDS}
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -83,9 +83,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_export_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """The ``export`` subcommand: a model with its adapter fused in, as a bundle for a target runtime."""
     from sun_edge.export import TARGETS
+    from sun_edge.export.targets import PACKAGINGS
 
     e = sub.add_parser("export", help="export a model with its SUN adapter fused in as a bundle (graphs, tokenizer, manifest)")
-    e.add_argument("--target", required=True, help=f"what to export for: {', '.join(TARGETS)}")
+    e.add_argument("--target", required=True, help=f"what to export for: {', '.join([*TARGETS, *PACKAGINGS])} "
+                                                   f"({', '.join(PACKAGINGS)}: a serving system's repository around a bundle)")
     add_model_args(e)
     e.add_argument("--precision", choices=["fp32", "fp16"],
                    help="fp16 keeps softmax, normalisation and the adapter's norm ratio in fp32; the VAE stays fp32 "
@@ -101,7 +103,7 @@ def add_export_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParse
                         "for generate --vae-decoder tiny (onnx target only; default: full, the model's VAE alone)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
-    for target in TARGETS.values():  # each target's own options, declared in its registry entry
+    for target in [*TARGETS.values(), *PACKAGINGS.values()]:  # each target's own options, declared in its registry entry
         if target.options:
             group = e.add_argument_group(f"{target.name} target")
             for option in target.options:
@@ -138,12 +140,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sun_edge.export import TARGETS, export, export_options
     from sun_edge.models import parse_lora_arg
 
-    chosen = TARGETS.get(args.target)
-    for target in TARGETS.values():  # options of another target are refused, not ignored
+    from sun_edge.export.targets import PACKAGINGS
+
+    chosen = TARGETS.get(args.target) or PACKAGINGS.get(args.target)
+    for target in [*TARGETS.values(), *PACKAGINGS.values()]:  # options of another target are refused, not ignored
         for option in target.options:
             if getattr(args, option.name) is not None and target is not chosen:
                 raise SunEdgeError(f"--{option.name.replace('_', '-')} applies to --target {target.name} only")
     specific = {o.name: getattr(args, o.name) for o in (chosen.options if chosen else ()) if getattr(args, o.name) is not None}
+    if args.target in PACKAGINGS:  # a serving system's repository around a bundle (sun_edge/cli_triton.py)
+        from sun_edge.cli_triton import cmd_package
+
+        return cmd_package(args, PACKAGINGS[args.target])
     options = export_options(args.target, precision=args.precision, height=args.height, width=args.width,
                              with_baseline=args.with_baseline, max_batch=args.max_batch, **specific)
     loras = tuple(parse_lora_arg(text) for text in args.lora)

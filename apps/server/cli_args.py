@@ -28,6 +28,9 @@ def add_serve_parsers(sub: Any, default_model: str) -> None:
     source.add_argument("--optimize", default="auto", choices=["auto", *OPTIMIZATIONS],
                         help="with --model: UNet calls (default: cuda-graph on CUDA, one graph per batch size; none on CPU)")
     source.add_argument("--threads", type=int, help="with --model on CPU: torch threads (default: torch's own)")
+    source.add_argument("--triton", metavar="URL", help="forward generation to a Triton Inference Server serving a "
+                        "repository from sun-edge export --target triton: http://HOST:8000 or grpc://HOST:8001 (needs sun-edge[triton])")
+    source.add_argument("--triton-model", default="sun_edge", help="with --triton: the model's name (default sun_edge)")
     net = s.add_argument_group("network and limits")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     net.add_argument("--port", type=int, default=7860, help="port (default 7860, A1111's)")
@@ -79,3 +82,9 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise SunEdgeError("--adapter is fused into a bundle at export; drop it with --bundle")
     if args.bundle is not None and getattr(args, "controlnet", None):
         raise SunEdgeError("--controlnet is exported into a bundle (sun-edge export --controlnet FILE); drop it with --bundle")
+    if args.triton is not None and (args.bundle is not None or args.adapter):
+        raise SunEdgeError("--triton serves the bundle in Triton's model repository; drop --bundle and --adapter")
+    if args.triton is not None:
+        from sun_edge_server.triton_source import parse_url
+
+        parse_url(args.triton)

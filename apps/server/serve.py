@@ -88,7 +88,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines%s", args.host,
                     "" if key else "; no --api-key set, so anyone who reaches it can generate")
-    engine.start(lambda: open_source(source))
+    if args.triton is not None:  # Triton makes the images; this process keeps the APIs, queue, limits and metrics
+        from sun_edge_server.triton_source import open_triton_source
+
+        engine.start(lambda: open_triton_source(args.triton, args.triton_model, timeout_s=args.timeout_s,
+                                                concurrency=args.max_batch))
+    else:
+        engine.start(lambda: open_source(source))
     threading.Thread(target=server.watch_load, name="sun-edge-load-watch", daemon=True).start()
     server.run()
     engine.abort()  # a forced exit (second signal) leaves work behind: stop it before the interpreter does
