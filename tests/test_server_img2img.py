@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import struct
 import time
 import zlib
@@ -273,5 +272,287 @@ def _editing() -> bool:
     return {"init_image", "mask", "control_image"} <= {f.name for f in fields(Job)}
 
 
+def _controlnets() -> bool:
+    import inspect
+
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    return "controlnet" in inspect.signature(TorchRuntime.load).parameters
+
+
 EDITING = _editing()
+CONTROLNETS = EDITING and _controlnets()
 needs_editing = pytest.mark.skipif(not EDITING, reason="the library has no Job.init_image yet")
+needs_controlnet = pytest.mark.skipif(not CONTROLNETS, reason="the library loads no ControlNet yet")
+
+
+def random_controlnet(path):
+    """A ControlNet of pocket-base's UNet (``ControlNetModel.from_unet``), its zero convolutions re-drawn so that
+    its residuals matter, saved as one diffusers-layout ``.safetensors`` file."""
+    import torch
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    runtime = TorchRuntime.load("pocket-base", None, device="cpu", precision="fp32", optimize="none")
+    torch.manual_seed(19)
+    steps = int(np.log2(runtime.vae_scale_factor))  # the condition embedding downsamples to the latent grid
+    net = ControlNetModel.from_unet(runtime.unet_module, conditioning_embedding_out_channels=(16, 32, 96, 256)[:steps + 1])
+    gen = torch.Generator().manual_seed(20)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                param.copy_(torch.randn(param.shape, generator=gen) * (0.5 / param[0].numel() ** 0.5))
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def controlnet_file(tmp_path_factory):
+    if not CONTROLNETS:
+        return None  # the img2img tests run on a server without one
+    return random_controlnet(tmp_path_factory.mktemp("controlnet") / "pocket-random-controlnet.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, controlnet_file):
+    folder = tmp_path_factory.mktemp("serve-img2img")
+    if not EDITING:
+        pytest.skip("the library has no Job.init_image yet")
+    s = Server(folder / "serve.log", "--max-batch", "8", "--batch-window-ms", "150", "--threads", "1",
+               *(["--controlnet", str(controlnet_file)] if controlnet_file else []))
+    try:
+        yield s.wait_ready()
+    finally:
+        assert s.terminate() == 0, s.log()
+
+
+@pytest.fixture(scope="module")
+def pipeline(controlnet_file):
+    """The library's Pipeline on what the server serves (pocket-base on PyTorch, the same ControlNet), one thread."""
+    import torch
+
+    from sun_edge.pipeline import Pipeline
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    torch.set_num_threads(1)
+    extra = {"controlnet": controlnet_file} if controlnet_file else {}
+    return Pipeline(TorchRuntime.load("pocket-base", None, device="cpu", precision="fp32", optimize="none", **extra))
+
+
+def reference(pipeline, seeds, **kw) -> list[Any]:
+    """The library's images with the settings the server builds (``sun-edge generate``'s: SUN, 4 DDIM steps,
+    64x64, guidance 8 unused) and ``kw``'s editing settings and images, each made alone."""
+    from sun_edge.settings import Settings
+
+    images = {k: kw.pop(k) for k in ("init_image", "mask", "control_image") if k in kw}
+    settings = replace(Settings.for_mode("sun", width=64, height=64, guidance=8.0, noise="torch"), **kw)
+    return [pipeline.generate(PROMPT, NEGATIVE, seeds=[seed], settings=settings, **images)[0] for seed in seeds]
+
+
+def array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@needs_editing
+def test_img2img_and_inpainting_through_webuiapi(server, pipeline):
+    webuiapi = pytest.importorskip("webuiapi")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    init, mask = picture(7), square_mask()
+    result = api.img2img(images=[init], prompt=PROMPT, negative_prompt=NEGATIVE, seed=3, width=64, height=64,
+                         steps=4, denoising_strength=0.5)
+    want = reference(pipeline, [3], strength=0.5, init_image=init)[0]
+    assert np.array_equal(array(result.images[0]), array(want.image))  # made alone: bit-exact
+    assert result.info["infotexts"] == [want.parameters] and "Denoising strength: 0.5" in want.parameters
+    assert result.info["denoising_strength"] == 0.5 and result.parameters["init_images"] is None
+
+    result = api.img2img(images=[init], mask_image=mask, denoising_strength=0.75, inpaint_full_res=False,
+                         prompt=PROMPT, negative_prompt=NEGATIVE, seed=4, width=64, height=64, steps=4, batch_size=2)
+    want = reference(pipeline, [4, 5], strength=0.75, mask_blur=4, paste_back=True, init_image=init, mask=mask)
+    assert len(result.images) == 2 and result.info["all_seeds"] == [4, 5]
+    for got, expected in zip(result.images, want):
+        assert same_image(array(got), array(expected.image))
+    assert result.info["infotexts"] == [w.parameters for w in want] and "Mask blur: 4" in want[0].parameters
+    got, original = array(result.images[0]).astype(int), array(init).astype(int)
+    outside = np.asarray(square_mask((64, 64), (12, 12, 52, 52))) == 0  # beyond the blurred edge
+    assert psnr(got[outside], original[outside]) >= 30  # pasted back: the kept region is the init image
+    assert psnr(got[24:40, 24:40], original[24:40, 24:40]) < 25  # the masked region was repainted
+    assert result.info["warnings"] and "inpainting_fill" in result.info["warnings"][0]  # webuiapi sends fill 0
+
+    inverted = api.img2img(images=[init], mask_image=mask, denoising_strength=0.75, inpaint_full_res=False,
+                           inpainting_mask_invert=1, mask_blur=0, prompt=PROMPT, negative_prompt=NEGATIVE, seed=4,
+                           width=64, height=64, steps=4)
+    want = reference(pipeline, [4], strength=0.75, invert_mask=True, paste_back=True, init_image=init, mask=mask)
+    assert np.array_equal(array(inverted.images[0]), array(want[0].image))
+
+
+@needs_controlnet
+def test_controlnet_through_webuiapi(server, pipeline):
+    webuiapi = pytest.importorskip("webuiapi")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    condition, init = picture(11), picture(7)
+    models = api.session.get(f"{server.url}/controlnet/model_list").json()["model_list"]
+    assert len(models) == 1 and models[0].startswith("pocket-random-controlnet [")
+    assert api.get_scripts() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    unit = webuiapi.ControlNetUnit(image=condition, model=models[0], weight=0.8)
+    result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=6, width=64, height=64, steps=4,
+                         controlnet_units=[unit])
+    want = reference(pipeline, [6], control_scale=0.8, control_image=condition)[0]
+    assert np.array_equal(array(result.images[0]), array(want.image))
+    assert result.info["infotexts"] == [want.parameters] and "ControlNet 0" in want.parameters
+    plain = reference(pipeline, [6])[0]
+    assert not np.array_equal(array(want.image), array(plain.image))  # the ControlNet changed the picture
+    result = api.img2img(images=[init], denoising_strength=0.6, prompt=PROMPT, negative_prompt=NEGATIVE, seed=6,
+                         width=64, height=64, steps=4, controlnet_units=[webuiapi.ControlNetUnit(model=models[0])])
+    want = reference(pipeline, [6], strength=0.6, init_image=init, control_image=init)[0]  # conditioned on the init
+    assert np.array_equal(array(result.images[0]), array(want.image))
+
+
+@needs_editing
+def test_img2img_requests_with_different_pictures_share_a_batch(server, pipeline):
+    from concurrent.futures import ThreadPoolExecutor
+
+    inits = [picture(20 + i) for i in range(4)]
+    bodies = [{"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 30 + i, "steps": 4, "width": 64, "height": 64,
+               "init_images": [b64(init)], "denoising_strength": 0.5} for i, init in enumerate(inits)]
+    before = _batched(server)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda b: server.json("POST", "/sdapi/v1/img2img", b), bodies))
+    assert _batched(server) > before, "no batch of more than one image: the img2img requests were not gathered"
+    for (status, body), init, i in zip(answers, inits, range(4)):
+        assert status == 200, body
+        want = reference(pipeline, [30 + i], strength=0.5, init_image=init)[0]
+        assert same_image(pixels(base64.b64decode(body["images"][0])), array(want.image)), i
+
+
+def _batched(server) -> float:
+    """How many batches held more than one image, from /metrics."""
+    text = server.request("GET", "/metrics")[2].decode()
+    buckets = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line.startswith("sun_edge_batch_size_bucket")}
+    total = float(next(l for l in text.splitlines() if l.startswith("sun_edge_batch_size_count")).rsplit(" ", 1)[1])
+    return total - buckets["1.0"]
+
+
+GOOD = {"prompt": PROMPT, "seed": 1, "steps": 4, "width": 64, "height": 64, "init_images": [b64(picture(3))]}
+BAD_HTTP = [  # body changes, status, words of the one line
+    ({"mask": b64(square_mask((32, 32)))}, 422, ["mask is 32x32 but init_images[0] is 64x64"]),
+    ({"init_images": [b64(b"%PDF-1.4 not an image")]}, 422, ["init_images[0] is not a PNG, JPEG, WebP or BMP"]),
+    ({"init_images": ["data:image/png;base64,@@@@"]}, 422, ["init_images[0] is not valid base64"]),
+    ({"denoising_strength": 0}, 422, ["denoising_strength 0 is outside (0, 1]"]),
+    ({"denoising_strength": 1.01}, 422, ["denoising_strength 1.01 is outside (0, 1]"]),
+    ({"init_images": [b64(bomb(8000, 8000))]}, 422, ["8000x8000 pixels", "over the limit"]),
+    ({"init_images": ["A" * (12 << 20 | 4)]}, 413, ["characters of base64", "the limit is"]),
+    ({"mask": b64(square_mask()), "inpaint_full_res": True}, 422, ["inpaint_full_res", "not supported"]),
+    ({"init_images": []}, 422, ["init_images is required"]),
+    ({"width": 100}, 422, ["width 100", "multiples of 8"]),
+]
+if CONTROLNETS:
+    BAD_HTTP.append(({"alwayson_scripts": {"controlnet": {"args": [{"model": "control_v11p_sd15_canny"}]}}}, 422,
+                     ["'control_v11p_sd15_canny' is not loaded"]))
+
+
+@needs_editing
+@pytest.mark.parametrize("change, status, words", BAD_HTTP, ids=[str(i) for i in range(len(BAD_HTTP))])
+def test_bad_img2img_requests_get_one_line_and_the_server_keeps_serving(server, change, status, words):
+    got, _, data = server.request("POST", "/sdapi/v1/img2img", {**GOOD, **change})
+    assert got == status, data[:300]
+    one_line_error(data, *words)
+    status, body = server.json("POST", "/sdapi/v1/img2img", {**GOOD, "denoising_strength": 0.25})
+    assert status == 200 and pixels(base64.b64decode(body["images"][0])).shape == (64, 64, 3)
+
+
+@needs_editing
+def test_a_server_without_a_controlnet_says_so(tmp_path):
+    s = Server(tmp_path / "serve.log", "--threads", "1")
+    try:
+        s.wait_ready()
+        unit = {"image": b64(picture(1)), "model": "anything"}
+        for route, body in (("/sdapi/v1/txt2img", {"prompt": "x"}), ("/sdapi/v1/img2img", GOOD)):
+            status, _, data = s.request("POST", route, {**body, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+            assert status == 422, data
+            one_line_error(data, "this server loads no ControlNet", "--controlnet FILE")
+        assert s.json("GET", "/controlnet/model_list") == (200, {"model_list": []})
+        status, body = s.json("POST", "/sdapi/v1/img2img", GOOD)  # img2img itself works without one
+        assert status == 200 and len(body["images"]) == 1
+    finally:
+        assert s.terminate() == 0, s.log()
+
+
+@needs_editing
+def test_the_page_sends_a_dropped_image_and_a_painted_mask(server, pipeline, tmp_path):
+    """Headless Chromium: an init image through the file picker, then another dropped on the drop zone (96x64),
+    a stroke painted on the mask canvas, Generate: the page posts A1111's img2img with the dropped picture and
+    a mask of its size (white where painted), and shows the image the library makes from what it sent."""
+    import os
+    from pathlib import Path
+
+    from test_server import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run installs it with apt-get install -y chromium")
+        pytest.skip(f"no {CHROMIUM} on this machine (apt-get install chromium); CI runs this test")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    picked, dropped = tmp_path / "picked.png", picture(9, (96, 64))
+    picture(8).save(picked)
+    shot = Path(os.environ.get("SUN_EDGE_IMG2IMG_SCREENSHOT", tmp_path / "page-img2img.png"))
+    sent: list[dict] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/sdapi/v1/img2img") else None)
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('pocket-base')")
+            page.fill("#prompt", PROMPT)
+            page.fill("#negative", NEGATIVE)
+            page.fill("#seed", "3")
+            page.set_input_files("#init-file", str(picked))  # the file picker
+            page.wait_for_selector("#editor", state="visible")
+            page.wait_for_function("document.getElementById('mask').width === 64")
+            transfer = page.evaluate_handle("""(data) => {
+                const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                const t = new DataTransfer();
+                t.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+                return t; }""", b64(dropped))
+            page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})  # drag and drop
+            page.wait_for_function("document.getElementById('mask').width === 96 && "
+                                   "document.getElementById('mask').height === 64")
+            box = page.locator("#mask").bounding_box()
+            page.fill("#brush", "30")
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.5, steps=8)
+            page.mouse.up()
+            page.click("#generate")
+            page.wait_for_selector(".result img", timeout=120_000)
+            page.wait_for_function("[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth)")
+            sources = page.eval_on_selector_all(".result img", "els => els.map(e => e.src)")
+            captions = page.inner_text(".result")
+            page.screenshot(path=str(shot), full_page=True)
+            page.click("#clear-mask")
+            page.uncheck("#compare")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('.result').length === 2", timeout=120_000)
+        finally:
+            browser.close()
+    assert len(sources) == 2 and "SUN inpainting · seed 3" in captions and "CFG baseline inpainting · seed 3" in captions
+    sun = next(b for b in sent if b["mode"] == "sun")
+    assert sun["denoising_strength"] == 0.75 and sun["inpaint_full_res"] is False and sun["mask_blur"] == 4
+    init = decode_image(sun["init_images"][0], "init", Limits())
+    mask = decode_image(sun["mask"], "mask", Limits(), kind="L")
+    assert np.array_equal(array(init), array(dropped))  # the dropped file, not the picked one
+    m = np.asarray(mask)
+    assert mask.size == (96, 64) and m[32, 48] == 255 and m[32, 36] == 255 and m[2, 2] == 0 and m[32, 5] == 0
+    assert 0.03 < float(np.mean(m > 127)) < 0.5  # the stroke, not the whole picture
+    want = reference(pipeline, [3], strength=0.75, mask_blur=4, paste_back=True, init_image=init, mask=mask)[0]
+    assert np.array_equal(pixels(base64.b64decode(sources[0].split(",", 1)[1])), array(want.image))
+    assert "mask" not in sent[-1] and sent[-1]["mode"] == "sun" and len(sent) == 3  # cleared: plain img2img
+    assert shot.stat().st_size > 1000

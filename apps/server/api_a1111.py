@@ -17,6 +17,7 @@ import base64
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -45,9 +46,8 @@ def _controlnet(source: Any) -> tuple[str | None, tuple[str, ...]]:
     name = source.runtime.info.get("controlnet") if source.runtime.has("controlnet") else None
     if not name:
         return None, ()
-    sha = source.runtime.info.get("controlnet_sha256")
-    title = f"{name} [{sha[:8]}]" if sha else str(name)
-    return title, (str(name), str(name).rsplit(".", 1)[0])
+    sha, stem = source.runtime.info.get("controlnet_sha256"), Path(str(name)).stem
+    return (f"{stem} [{sha[:8]}]" if sha else stem), (str(name), stem)
 
 
 def _batch(body: dict[str, Any], limits: Any) -> tuple[int, int]:
