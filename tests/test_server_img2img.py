@@ -400,6 +400,8 @@ def test_controlnet_through_webuiapi(server, pipeline):
     models = api.session.get(f"{server.url}/controlnet/model_list").json()["model_list"]
     assert len(models) == 1 and models[0].startswith("pocket-random-controlnet [")
     assert api.get_scripts() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    info = server.json("GET", "/v1/info")[1]
+    assert info["controlnet"] == models[0] and info["img2img"] is True
     unit = webuiapi.ControlNetUnit(image=condition, model=models[0], weight=0.8)
     result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=6, width=64, height=64, steps=4,
                          controlnet_units=[unit])
@@ -479,6 +481,7 @@ def test_a_server_without_a_controlnet_says_so(tmp_path):
             assert status == 422, data
             one_line_error(data, "this server loads no ControlNet", "--controlnet FILE")
         assert s.json("GET", "/controlnet/model_list") == (200, {"model_list": []})
+        assert s.json("GET", "/v1/info")[1]["controlnet"] is None
         status, body = s.json("POST", "/sdapi/v1/img2img", GOOD)  # img2img itself works without one
         assert status == 200 and len(body["images"]) == 1
     finally:

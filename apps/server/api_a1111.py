@@ -17,7 +17,6 @@ import base64
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -27,7 +26,7 @@ from sun_edge import __version__
 from sun_edge.imaging import SAMPLER_LABELS
 from sun_edge.settings import MAX_GUIDANCE
 from sun_edge_server.api_native import common_spec, meaning
-from sun_edge_server.generation import Spec, generate, serving
+from sun_edge_server.generation import Spec, controlnet_title, generate, serving
 from sun_edge_server.images import Edit, read_controlnet, read_img2img
 from sun_edge_server.limits import ApiError, field_float, field_int, field_text, read_json
 
@@ -39,15 +38,6 @@ SCHEDULER_OF = {label: name for name, label in SAMPLER_LABELS.items()}  # "DDIM"
 def _title(source: Any) -> tuple[str, str | None]:
     sha = source.runtime.info.get("model_sha256")
     return (f"{source.name} [{sha[:10]}]" if sha else source.name), sha
-
-
-def _controlnet(source: Any) -> tuple[str | None, tuple[str, ...]]:
-    """The loaded ControlNet's title (``name [hash]``, as sd-webui-controlnet lists models) and the names it answers to."""
-    name = source.runtime.info.get("controlnet") if source.runtime.has("controlnet") else None
-    if not name:
-        return None, ()
-    sha, stem = source.runtime.info.get("controlnet_sha256"), Path(str(name)).stem
-    return (f"{stem} [{sha[:8]}]" if sha else stem), (str(name), stem)
 
 
 def _batch(body: dict[str, Any], limits: Any) -> tuple[int, int]:
@@ -62,7 +52,7 @@ def _batch(body: dict[str, Any], limits: Any) -> tuple[int, int]:
 def _control(request: Request, body: dict[str, Any], edit: Edit, img2img: bool) -> Edit | None:
     """``edit`` with the request's ControlNet unit, if it names one (None: a plain txt2img)."""
     state = request.app.state.sun
-    served, names = _controlnet(serving(state.engine))
+    served, names = controlnet_title(serving(state.engine))
     unit = read_controlnet(body, state.limits, served, names, img2img)
     if unit is None:
         return edit if img2img else None
@@ -89,7 +79,7 @@ async def _images(request: Request, body: dict[str, Any], edit: Edit | None) -> 
     if masked:
         extra["Mask blur"] = s.mask_blur
     if edit is not None and edit.control:
-        extra["ControlNet"] = f"{_controlnet(source)[0]}, weight {s.control_scale:g}"
+        extra["ControlNet"] = f"{controlnet_title(source)[0]}, weight {s.control_scale:g}"
     info = {
         "prompt": spec.prompt, "all_prompts": [spec.prompt] * n,
         "negative_prompt": spec.negative_prompt, "all_negative_prompts": [spec.negative_prompt] * n,
@@ -180,7 +170,7 @@ async def schedulers() -> list[dict[str, Any]]:
 
 @router.get("/scripts")
 async def scripts(request: Request) -> dict[str, list[str]]:
-    served = _controlnet(serving(request.app.state.sun.engine))[0]
+    served = controlnet_title(serving(request.app.state.sun.engine))[0]
     names = ["controlnet"] if served else []
     return {"txt2img": names, "img2img": list(names)}
 
@@ -192,7 +182,7 @@ async def controlnet_version() -> dict[str, int]:
 
 @controlnet_router.get("/model_list")
 async def controlnet_models(request: Request) -> dict[str, list[str]]:
-    served = _controlnet(serving(request.app.state.sun.engine))[0]
+    served = controlnet_title(serving(request.app.state.sun.engine))[0]
     return {"model_list": [served] if served else []}
 
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from sun_edge import __version__, sampling
 from sun_edge.settings import MAX_GUIDANCE, MAX_SIDE
-from sun_edge_server.generation import Outcome, Spec, generate, serving
+from sun_edge_server.generation import Outcome, Spec, controlnet_title, generate, serving
 from sun_edge_server.limits import ApiError, Limits, field_choice, field_float, field_int, field_seed, field_text, read_json
 
 router = APIRouter()
@@ -101,6 +101,9 @@ async def info(request: Request) -> dict[str, Any]:
         "timeout_s": state.timeout_s,
         "limits": {"max_steps": limits.max_steps, "max_images": limits.max_images,
                    "max_body_bytes": limits.max_body_bytes, "max_prompt_chars": limits.max_prompt_chars,
-                   "text_tokens": 77},
+                   "text_tokens": 77, "max_image_body_bytes": limits.max_image_body_bytes,
+                   "max_image_bytes": limits.max_image_bytes, "max_image_pixels": limits.max_image_pixels},
+        "img2img": bool(source.runtime.has("vae_encoder")),  # POST /sdapi/v1/img2img
+        "controlnet": controlnet_title(source)[0],
         "auth": state.config.api_key is not None,
     }

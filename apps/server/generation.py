@@ -11,6 +11,7 @@ import asyncio
 import io
 import secrets
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -65,6 +66,16 @@ def serving(engine: Engine) -> Any:
             raise ApiError(503, f"the server cannot serve: {one_line(engine.failed)}", kind="server_error")
         raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"}, kind="server_error")
     return engine.source
+
+
+def controlnet_title(source: Any) -> tuple[str | None, tuple[str, ...]]:
+    """The loaded ControlNet's title (``name [hash]``, as sd-webui-controlnet lists models and the library's PNG
+    parameters name it) and the other names a request may give it; (None, ()) without one."""
+    name = source.runtime.info.get("controlnet") if source.runtime.has("controlnet") else None
+    if not name:
+        return None, ()
+    sha, stem = source.runtime.info.get("controlnet_sha256"), Path(str(name)).stem
+    return (f"{stem} [{sha[:8]}]" if sha else stem), (str(name), stem)
 
 
 def settings_for(engine: Engine, spec: Spec) -> Settings:
