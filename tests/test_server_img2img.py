@@ -286,6 +286,27 @@ needs_editing = pytest.mark.skipif(not EDITING, reason="the library has no Job.i
 needs_controlnet = pytest.mark.skipif(not CONTROLNETS, reason="the library loads no ControlNet yet")
 
 
+@needs_editing
+def test_a_text_only_pipeline_refuses_edits_in_one_line():
+    """``serve --triton``'s pipeline makes images from text only: an img2img request is a 422, not a failed batch."""
+    from types import SimpleNamespace
+
+    from sun_edge.settings import Settings
+    from sun_edge_server.generation import edit_settings
+    from sun_edge_server.images import Edit
+
+    runtime = SimpleNamespace(name="triton", has=lambda component: True)
+    engine = SimpleNamespace(source=SimpleNamespace(pipeline=object(), runtime=runtime, name="m"), ready=True, failed=None)
+    edit = Edit(init_images=(picture(),), strength=0.5)
+    api_error(lambda: edit_settings(engine, edit, Settings()), "triton pipeline makes images from text only")
+    engine.source.pipeline = SimpleNamespace(prepare_edit=None)
+    runtime.has = lambda component: component != "vae_encoder"
+    api_error(lambda: edit_settings(engine, edit, Settings()), "m has no VAE encoder")
+    runtime.has = lambda component: component != "controlnet"
+    api_error(lambda: edit_settings(engine, replace(edit, control=True), Settings()), "loads no ControlNet")
+    assert edit_settings(engine, edit, Settings()).strength == 0.5
+
+
 def random_controlnet(path):
     """A ControlNet of pocket-base's UNet (``ControlNetModel.from_unet``), its zero convolutions re-drawn so that
     its residuals matter, saved as one diffusers-layout ``.safetensors`` file."""

@@ -92,7 +92,7 @@ async def _images(request: Request, body: dict[str, Any], edit: Edit | None) -> 
         "sd_model_name": source.name, "sd_model_hash": sha[:10] if sha else None,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": s.strength if init else None, "clip_skip": 1,
-        "is_using_inpainting_conditioning": bool(masked and source.runtime.info.get("inpainting")),
+        "is_using_inpainting_conditioning": bool(init and getattr(source.pipeline, "inpainting_unet", False)),
         "extra_generation_params": extra,
         "index_of_first_image": 0, "infotexts": [g.parameters for g in images], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": f"sun-edge {__version__}",

@@ -97,6 +97,9 @@ def edit_settings(engine: Engine, edit: Edit, settings: Settings) -> Settings:
     if not {"init_image", "mask", "control_image"} <= job_fields:
         raise ApiError(501, "this sun-edge library has no img2img, inpainting or ControlNet yet; upgrade sun-edge",
                        kind="server_error")
+    if not hasattr(source.pipeline, "prepare_edit"):  # serve --triton: the remote model takes text only
+        raise ApiError(422, f"this server's {source.runtime.name} pipeline makes images from text only; serve the "
+                            "bundle or model directly for img2img, inpainting and ControlNet", "init_images")
     if edit.init_images and not source.runtime.has("vae_encoder"):
         raise ApiError(422, f"{source.name} has no VAE encoder, which img2img needs; re-export the bundle with it",
                        "init_images")
