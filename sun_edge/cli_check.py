@@ -53,6 +53,12 @@ def add_check_parsers(sub: Any) -> None:
     b.add_argument("--size", type=int, help="image height = width (default: the bundle's, or the model's own: SD1.5 512)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--steps-only", action="store_true", help="time the UNet steps and decoders only, not whole images")
+    b.add_argument("--batch", type=int, nargs="+", default=[1], metavar="N",
+                   help="batch sizes to time SUN 4 and CFG 25 at, e.g. 1 4 8: images per second at each, side by side "
+                        "(a bundle: up to its batch range; default 1)")
+    b.add_argument("--only", nargs="+", metavar="FORM",
+                   help="time only these forms (fnmatch patterns, e.g. 'unet_*' sun4 'sun4_b*'; the forms are listed "
+                        "in the table and in an error for a pattern that names none)")
     b.add_argument("--json", type=Path, help="also write every figure (and the machine) to this file")
 
 
@@ -94,6 +100,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sun_edge.bench import run_bench, run_bench_many
 
     _check_json_path(args.json)
+    if any(n < 1 for n in args.batch):
+        raise SunEdgeError(f"--batch takes positive whole numbers, got {' '.join(map(str, args.batch))}")
     info: dict[str, Any] = {}
     size = (args.size, args.size) if args.size is not None else None
     if size is not None:
@@ -114,6 +122,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise SunEdgeError("--device applies to --model (a torch device) or to --runtime openvino (an OpenVINO device)")
         bundle = open_bundle(args.bundle)
         manifest = bundle.manifest
+        if max(args.batch) > int(manifest.batch["max"]):  # before any graph loads; run_bench checks the runtime too
+            raise SunEdgeError(f"--batch {max(args.batch)}: bundle {args.bundle} takes at most {manifest.batch['max']} "
+                               f"image(s) per UNet call (its manifest's batch range); give --batch up to "
+                               f"{manifest.batch['max']}, or re-export with --max-batch {max(args.batch)}")
         size = size or (int(manifest.image["height"]), int(manifest.image["width"]))
         info.update(bundle=str(args.bundle), target=manifest.target, precision=manifest.precision, provider=args.provider)
         if len(names) > 1:
@@ -123,7 +135,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                                                           "precision_reason", "openvino")}}
                      for r in runtimes]
             compared = run_bench_many(runtimes, repeats=args.repeats, height=size[0], width=size[1],
-                                      steps_only=args.steps_only, seed=args.seed, infos=infos)
+                                      steps_only=args.steps_only, seed=args.seed, infos=infos, batches=args.batch,
+                                      only=args.only)
             print(compared.table())
             if args.json:
                 _write_json(args.json, compared.to_dict())
@@ -139,7 +152,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         info.update(precision=args.precision, device=args.device, vae_decoder=args.vae_decoder, optimize=args.optimize)
         size = size or (runtime.native_size, runtime.native_size)
     result = run_bench(runtime, repeats=args.repeats, height=size[0], width=size[1], steps_only=args.steps_only,
-                       seed=args.seed, info=info)
+                       seed=args.seed, info=info, batches=args.batch, only=args.only)
     print(result.table())
     if args.json:
         _write_json(args.json, result.to_dict())

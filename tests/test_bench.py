@@ -13,7 +13,7 @@ from sun_edge.adapter import SUNAdapter
 from sun_edge.bench import RATIOS, BenchResult, run_bench
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes.pytorch import TorchRuntime
-from cli_helpers import run
+from cli_helpers import error_line, run
 
 SMALL = ["--size", "64", "--repeats", "1"]
 
@@ -193,3 +193,97 @@ def test_bench_a_bundle_without_torch(onnx_fp32_bundle, tmp_path):
     """, capture_output=True, timeout=300)
     data = json.loads(out.read_text())
     assert "torch" not in data["machine"] and data["machine"]["onnxruntime"]
+
+
+def test_batches_call_the_unet_at_each_batch_size(tiny):
+    """--batch 1 3: per repeat, each step form once at its batch, 4 SUN calls of 3 and 25 CFG calls of 6 per
+    3-image run; the warm-up calls every step form once; unet_calls per run and the throughput keys follow."""
+    parts = copy.deepcopy(tiny)
+    runtime = Counting(TorchRuntime(parts["unet"], parts["text_encoder"], parts["vae"],
+                                    SUNAdapter.from_unet(parts["unet"]).randomize_(1)))
+    result = run_bench(runtime, repeats=1, height=64, width=64, batches=(3, 1, 3))
+    steps = [("sun", 1), ("plain", 1), ("plain", 2), ("sun", 3), ("plain", 6)]
+    images = [("sun", 1)] * 4 + [("plain", 2)] * 25 + [("sun", 3)] * 4 + [("plain", 6)] * 25
+    assert runtime.calls == steps + steps + images
+    assert list(result.seconds) == ["text_encode", "unet_sun_b1", "unet_plain_b1", "unet_cfg_b2", "unet_sun_b3",
+                                    "unet_cfg_b6", "vae_decode", "sun4", "cfg25", "sun4_b3", "cfg25_b3"]
+    assert result.unet_calls == {"sun4": 4, "cfg25": 25, "sun4_b3": 4, "cfg25_b3": 25}
+    assert result.info["batches"] == [1, 3]
+    data = result.to_dict()
+    assert set(data["throughput"]) == {"1", "3"}
+    assert set(data["throughput"]["3"]) == {
+        "sun4_images_per_s", "cfg25_images_per_s", "sun4_over_cfg25", "sun4_over_batch1", "cfg25_over_batch1",
+        "unet_sun4_images_per_s", "unet_cfg25_images_per_s", "unet_sun4_over_cfg25", "unet_sun4_over_batch1",
+        "unet_cfg25_over_batch1"}
+    assert "sun4_over_batch1" not in data["throughput"]["1"]
+    med = result.medians()
+    assert data["ratios"]["unet_time_cfg25_over_sun4_b3"] == pytest.approx(25 * med["unet_cfg_b6"] / (4 * med["unet_sun_b3"]))
+    table = result.table()
+    assert "sun4_b3" in table and "4 UNet calls for 3 images" in table and "images per second by batch size" in table
+
+
+def test_throughput_arithmetic():
+    """Images per second and the ratios from chosen medians (3 repeats each), not from a clock."""
+    seconds = {"unet_sun_b1": [1.0, 0.5, 9.0], "unet_cfg_b2": [2.0, 2.0, 2.0], "unet_sun_b4": [2.0, 2.0, 2.0],
+               "unet_cfg_b8": [8.0, 8.0, 8.0], "sun4": [5.0, 5.0, 5.0], "cfg25": [50.0, 50.0, 50.0],
+               "sun4_b4": [10.0, 10.0, 10.0]}
+    result = BenchResult(seconds, {}, {}, {"batches": [1, 4]})
+    tp = result.throughput()
+    one, four = tp["1"], tp["4"]
+    assert one["sun4_images_per_s"] == pytest.approx(0.2) and one["cfg25_images_per_s"] == pytest.approx(0.02)
+    assert one["sun4_over_cfg25"] == pytest.approx(10.0)
+    assert one["unet_sun4_images_per_s"] == pytest.approx(1 / 4)  # median 1.0 s, 4 steps
+    assert one["unet_cfg25_images_per_s"] == pytest.approx(1 / 50) and one["unet_sun4_over_cfg25"] == pytest.approx(12.5)
+    assert four["sun4_images_per_s"] == pytest.approx(0.4) and four["sun4_over_batch1"] == pytest.approx(2.0)
+    assert "cfg25_images_per_s" not in four and "sun4_over_cfg25" not in four  # cfg25_b4 not timed
+    assert four["unet_sun4_images_per_s"] == pytest.approx(4 / 8) and four["unet_sun4_over_batch1"] == pytest.approx(2.0)
+    assert four["unet_cfg25_images_per_s"] == pytest.approx(4 / 200) and four["unet_cfg25_over_batch1"] == pytest.approx(1.0)
+    assert result.ratios()["unet_time_cfg25_over_sun4_b4"] == pytest.approx(25 * 8.0 / (4 * 2.0))
+    assert BenchResult({"sun4": [1.0]}, {}, {}, {}).throughput() == {"1": {"sun4_images_per_s": 1.0}}
+
+
+def test_only_times_the_chosen_forms_and_warms_what_they_use(tiny):
+    parts = copy.deepcopy(tiny)
+    runtime = Counting(TorchRuntime(parts["unet"], parts["text_encoder"], parts["vae"],
+                                    SUNAdapter.from_unet(parts["unet"]).randomize_(1)))
+    result = run_bench(runtime, repeats=2, height=64, width=64, batches=(1, 2), only=["unet_sun_*", "sun4_b*"])
+    assert list(result.seconds) == ["unet_sun_b1", "unet_sun_b2", "sun4_b2"]
+    assert runtime.calls == [("sun", 1), ("sun", 2)] + ([("sun", 1), ("sun", 2)] + [("sun", 2)] * 4) * 2
+    assert result.info["only"] == ["unet_sun_*", "sun4_b*"]
+    assert set(result.throughput()["2"]) == {"sun4_images_per_s", "unet_sun4_images_per_s", "unet_sun4_over_batch1"}
+    with pytest.raises(SunEdgeError, match=r"^--only cfg4 names none of the forms timed here: text_encode, unet_sun_b1"):
+        run_bench(runtime, repeats=1, height=64, width=64, only=["cfg4"])
+
+
+def test_a_batch_above_the_runtimes_limit_is_refused_before_any_call(tiny):
+    parts = copy.deepcopy(tiny)
+    runtime = Counting(TorchRuntime(parts["unet"], parts["text_encoder"], parts["vae"],
+                                    SUNAdapter.from_unet(parts["unet"]).randomize_(1)))
+    runtime.max_batch = 2
+    runtime.name = "capped"
+    with pytest.raises(SunEdgeError, match=r"^--batch 4: runtime capped takes at most 2 image\(s\) per UNet call"):
+        run_bench(runtime, repeats=1, height=64, width=64, batches=(1, 4))
+    for bad in ((), (0, 1), (True,)):
+        with pytest.raises(SunEdgeError, match="^--batch takes positive whole numbers"):
+            run_bench(runtime, repeats=1, height=64, width=64, batches=bad)
+    assert runtime.calls == []
+
+
+def test_bench_cli_batches(home_env, tmp_path, capsys):
+    out = tmp_path / "batch.json"
+    code, stdout, err = run(capsys, "bench", "--model", "tiny-random", *SMALL, "--batch", "1", "2", "--steps-only",
+                            "--json", str(out))
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["batches"] == [1, 2]
+    assert set(data["seconds"]) == {"text_encode", "unet_sun_b1", "unet_plain_b1", "unet_cfg_b2", "unet_sun_b2",
+                                    "unet_cfg_b4", "vae_decode"}
+    assert set(data["throughput"]["2"]) == {"unet_sun4_images_per_s", "unet_cfg25_images_per_s", "unet_sun4_over_cfg25",
+                                            "unet_sun4_over_batch1", "unet_cfg25_over_batch1"}
+    lines = stdout.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("images per second by batch size")))
+    assert lines[head + 1].split()[:3] == ["batch", "SUN4/s", "CFG25/s"]
+    assert lines[head + 2].split()[0] == "1" and lines[head + 3].split()[0] == "2"
+    assert lines[head + 3].split()[1:6] == ["-"] * 5  # whole images not timed
+    code, _, err = run(capsys, "bench", "--model", "tiny-random", *SMALL, "--batch", "0")
+    assert code == 2 and error_line(err) == "error: --batch takes positive whole numbers, got 0"
