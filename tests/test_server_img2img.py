@@ -580,3 +580,17 @@ def test_the_page_sends_a_dropped_image_and_a_painted_mask(server, pipeline, tmp
     assert np.array_equal(pixels(base64.b64decode(sources[0].split(",", 1)[1])), array(want.image))
     assert "mask" not in sent[-1] and sent[-1]["mode"] == "sun" and len(sent) == 3  # cleared: plain img2img
     assert shot.stat().st_size > 1000
+
+
+def test_a_controlnet_that_does_not_exist_stops_the_server_with_status_2(tmp_path, capsys):
+    from cli_helpers import error_line, run
+
+    s = Server(tmp_path / "serve.log", "--controlnet", str(tmp_path / "no-such-controlnet.safetensors"))
+    try:
+        assert s.process.wait(120) == 2
+        assert "error: ControlNet path" in s.log() and "does not exist" in s.log()
+    finally:
+        s.terminate()
+    code, _, err = run(capsys, "serve", "--bundle", str(tmp_path), "--controlnet", "pocket-silhouette")
+    assert code == 2 and error_line(err).endswith("--controlnet is exported into a bundle (sun-edge export "
+                                                  "--controlnet FILE); drop it with --bundle")

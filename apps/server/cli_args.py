@@ -16,9 +16,9 @@ def add_serve_parsers(sub: Any, default_model: str) -> None:
     source.add_argument("--bundle", type=Path, help="an exported bundle (ONNX Runtime, TensorRT, Core ML as its target says)")
     source.add_argument("--model", default=default_model, help=f"registry name or path (default: {default_model})")
     source.add_argument("--adapter", help="with --model: SUN adapter (default: the one shipped beside the model)")
-    source.add_argument("--controlnet", type=Path, metavar="FILE",
-                        help="with --model: a ControlNet (file or diffusers folder) for A1111's alwayson_scripts.controlnet "
-                             "(a bundle carries its own: export --controlnet)")
+    source.add_argument("--controlnet", metavar="FILE|NAME",
+                        help="with --model: a ControlNet (file, diffusers folder, or a shipped one: pocket-silhouette) for "
+                             "A1111's alwayson_scripts.controlnet (a bundle carries its own: export --controlnet)")
     source.add_argument("--runtime", help="with --bundle: the runtime to run it with (default: the one its target names)")
     source.add_argument("--provider", default="cpu", help="with an ONNX bundle: execution provider cpu (default), cuda, tensorrt")
     source.add_argument("--no-cuda-graphs", action="store_true", help="with a TensorRT bundle: no CUDA graph replay")

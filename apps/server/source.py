@@ -26,7 +26,7 @@ class SourceOptions:
     bundle: Path | None = None
     model: str = "pocket-base"
     adapter: str | None = None
-    controlnet: Path | None = None  # with a model: a ControlNet file or folder (a bundle carries its own)
+    controlnet: str | None = None  # with a model: a ControlNet file, folder or registry name (a bundle carries its own)
     runtime: str | None = None  # with a bundle: default the one its target names
     provider: str = "cpu"  # ONNX Runtime execution provider
     cuda_graphs: bool = True  # TensorRT bundles
@@ -119,8 +119,13 @@ def open_source(options: SourceOptions) -> Source:
     on_cuda = device.startswith("cuda")
     precision = options.precision if options.precision != "auto" else ("fp16" if on_cuda else "fp32")
     optimize = options.optimize if options.optimize != "auto" else ("cuda-graph" if on_cuda else "none")
+    extra = {}
+    if options.controlnet is not None:
+        from sun_edge.models import resolve_controlnet
+
+        extra["controlnet"] = resolve_controlnet(options.controlnet)  # a path, or a shipped ControlNet's name
     runtime = TorchRuntime.load(options.model, options.adapter, device=device, precision=precision, optimize=optimize,
-                                **({"controlnet": options.controlnet} if options.controlnet is not None else {}))
+                                **extra)
     native = runtime.native_size
     name = str(runtime.info.get("model") or options.model)
     description = {"runtime": "pytorch", "device": device, "precision": precision, "optimize": optimize}
