@@ -6,7 +6,7 @@ ml-stable-diffusion names them::
       Unet.mlpackage          sample, timestep, encoder_hidden_states, negative_encoder_hidden_states
                               -> noise_pred (the SUN adapter fused in)
       VAEDecoder.mlpackage    latent_sample (the sampler's latents) -> sample (image in [-1, 1])
-      VAEEncoder.mlpackage    sample (image in [-1, 1]) -> latent_sample (scaled posterior mean)
+      VAEEncoder.mlpackage    sample (image in [-1, 1]) -> latent_sample, latent_std (scaled posterior mean, std)
       vocab.json, merges.txt, manifest.json
 
 The shared recipe (``recipe.py``: plans from the component table, example inputs, the stage
@@ -79,8 +79,10 @@ PACKAGES = MappingProxyType({
     "vae_decoder": Package("VAEDecoder", "VAE decoder: latents (1/scaling_factor applied inside) to an image in [-1, 1]",
                            {"latent_sample": "latents as the sampler returns them",
                             "sample": "image in [-1, 1], channels first"}),
-    "vae_encoder": Package("VAEEncoder", "VAE encoder: an image in [-1, 1] to scaled latents (the posterior mean)",
-                           {"sample": "image in [-1, 1], channels first", "latent_sample": "latents times scaling_factor"}),
+    "vae_encoder": Package("VAEEncoder", "VAE encoder: an image in [-1, 1] to the scaled posterior's mean and std",
+                           {"sample": "image in [-1, 1], channels first",
+                            "latent_sample": "posterior mean times scaling_factor",
+                            "latent_std": "posterior standard deviation times scaling_factor"}),
 })
 RESOURCES = MappingProxyType({name: p.resource for name, p in PACKAGES.items()})  # manifest key -> Apple's name
 PALETTIZED = ("text_encoder", "unet")  # the VAE keeps its weights (ml-stable-diffusion does the same)

@@ -8,11 +8,12 @@ line in each target's ``plan``: ``recipe.py``):
 
 - ``TextEncoderGraph``: ``input_ids`` int64 [1,77] -> ``last_hidden_state`` [1,77,D];
 - ``SUNUNetGraph``: ``sample``, ``timestep``, ``encoder_hidden_states``,
-  ``negative_encoder_hidden_states`` -> ``noise_pred`` (the adapter fused in);
+  ``negative_encoder_hidden_states`` -> ``noise_pred`` (the adapter fused in; an inpainting UNet's
+  ``sample`` has 9 channels: latents, mask, masked-image latents);
 - ``PlainUNetGraph``: the same UNet without the adapter (the CFG baseline's forward);
 - ``VAEDecoderGraph``: sampler latents -> image in [-1, 1] (``1/scaling_factor`` and the clamp
   inside the graph);
-- ``VAEEncoderGraph``: image in [-1, 1] -> scaled posterior mean;
+- ``VAEEncoderGraph``: image in [-1, 1] -> scaled posterior mean and std (img2img samples from them);
 - ``TinyDecoderGraph``: sampler latents -> image in [-1, 1] through TAESD (``sun_edge.taesd``).
 
 Half precision (``half_precision``) follows one rule, written where the computation is, so
@@ -93,16 +94,16 @@ class VAEDecoderGraph(nn.Module):
 
 
 class VAEEncoderGraph(nn.Module):
-    """Image [B,3,H,W] in [-1, 1] -> scaled posterior mean [B,4,H/8,W/8], like ``TorchRuntime.encode``."""
+    """Image [B,3,H,W] in [-1, 1] -> the scaled posterior's mean and std [B,4,H/8,W/8], like ``TorchRuntime.encode_dist``."""
 
     def __init__(self, vae: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.vae, self.dtype = vae, dtype
         self.scaling_factor = float(vae.config.scaling_factor)
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        mean = self.vae.encode(sample.to(self.dtype)).latent_dist.mean  # [B, 4, H/8, W/8]
-        return mean.float() * self.scaling_factor
+    def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(sample.to(self.dtype)).latent_dist  # diffusers clamps logvar to [-30, 20]
+        return dist.mean.float() * self.scaling_factor, dist.std.float() * self.scaling_factor  # [B, 4, H/8, W/8] x2
 
 
 class TinyDecoderGraph(nn.Module):

@@ -95,7 +95,8 @@ def geometry(reference: TorchRuntime, options: ExportOptions) -> Geometry:
         raise SunEdgeError("internal error: plan a bundle with sized options (ExportOptions.sized)")
     return Geometry(height=options.height, width=options.width, latent_channels=reference.latent_channels,
                     vae_scale_factor=reference.vae_scale_factor, text_tokens=reference.text_tokens,
-                    text_dim=reference.text_dim, batch=FREE if options.max_batch > 1 else 1)
+                    text_dim=reference.text_dim, batch=FREE if options.max_batch > 1 else 1,
+                    unet_in_channels=reference.unet_in_channels)
 
 
 def _with_dtypes(specs: tuple[TensorSpec, ...], dtypes: Mapping[str, str], where: str) -> tuple[TensorSpec, ...]:
@@ -209,7 +210,7 @@ def common_manifest_fields(reference: TorchRuntime, options: ExportOptions, *, m
     return {
         "image": {"height": shape.height, "width": shape.width},
         "latent": {"channels": shape.latent_channels, "height": shape.latent_height, "width": shape.latent_width,
-                   "scaling_factor": reference.scaling_factor},
+                   "scaling_factor": reference.scaling_factor, "unet_in_channels": shape.unet_latents[1]},
         "text": {"tokens": shape.text_tokens, "dim": shape.text_dim},
         "model": model, "adapter": adapter,
         "scheduler": {"name": sun.scheduler, "spacing": sun.spacing, "steps": sun.steps},

@@ -39,6 +39,7 @@ class BundleRuntime:
         self.bundle = bundle
         g = self.geometry = Geometry.from_manifest(bundle.manifest)
         self.latent_channels, self.vae_scale_factor = g.latent_channels, g.vae_scale_factor
+        self.unet_in_channels = g.unet_latents[1]  # 9: an inpainting UNet
         self.text_tokens, self.text_dim = g.text_tokens, g.text_dim
         self.scaling_factor = float(bundle.manifest.latent["scaling_factor"])
 
@@ -159,7 +160,8 @@ class GraphRuntime(BundleRuntime):
     def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
         """The UNet without the adapter, batch 1 or 2 (the CFG baseline): eps [B,4,h,w]."""
         self.require_baseline()
-        batch = check_input("unet_plain input sample", latents, (None, self.latent_channels, None, None), np.float32).shape[0]
+        batch = check_input("unet_plain input sample", latents, (None, self.unet_in_channels, None, None),
+                            np.float32).shape[0]
         check_input("unet_plain input encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
         return self.run("unet_plain", latents, self._timestep(t), emb)
 
@@ -179,3 +181,21 @@ class GraphRuntime(BundleRuntime):
     def encode(self, image: np.ndarray) -> np.ndarray:
         """Image [1,3,H,W] in [-1, 1] -> scaled latents [1,4,H/8,W/8] (the posterior mean)."""
         return self.run("vae_encoder", image)
+
+    def encode_dist(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image [1,3,H,W] in [-1, 1] -> the scaled posterior's mean and std [1,4,H/8,W/8] (img2img samples from them).
+
+        A bundle exported before the encoder had its ``latent_std`` output gets one line: re-export it."""
+        outputs = self._component("vae_encoder").outputs
+        if len(outputs) < 2:
+            raise SunEdgeError(f"bundle {self.bundle.path}: its VAE encoder returns the posterior mean alone (exported "
+                               "by an older sun-edge), and img2img samples the posterior; re-export the bundle")
+        mean, std = self.run_outputs("vae_encoder", image)[:2]
+        return mean, std
+
+    def run_outputs(self, component: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every output of ``component`` in manifest order (``run`` returns the first). Backends whose ``run``
+        can return several override this; the default serves components with one output."""
+        if len(self._component(component).outputs) != 1:
+            raise NotImplementedError(f"{type(self).__name__} returns only the first output of {component}")
+        return (self.run(component, *arrays),)

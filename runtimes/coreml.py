@@ -118,17 +118,23 @@ class CoreMLRuntime(GraphRuntime):
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""
+        return self.run_outputs(component, *arrays)[0]
+
+    def run_outputs(self, component: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """As ``run``, returning every output in manifest order."""
         comp = self._component(component)
         feeds = {spec.name: check_input(f"{component} input {spec.name}", array, spec.shape, np.dtype(spec.dtype))
                  for spec, array in zip(comp.inputs, arrays, strict=True)}
         model = self.model(component)
-        out = comp.outputs[0].name
+        names = [o.name for o in comp.outputs]
         if self.backend == "mil":
-            return model(feeds)[out].astype(np.float32, copy=False)
+            result = model(feeds)
+            return tuple(result[out].astype(np.float32, copy=False) for out in names)
         try:
-            return np.asarray(model.predict(feeds)[out], dtype=np.float32)
+            result = model.predict(feeds)
         except Exception as e:
             raise SunEdgeError(f"Core ML failed running {comp.file}: {e}") from e
+        return tuple(np.asarray(result[out], dtype=np.float32) for out in names)
 
     def require_baseline(self) -> None:
         """CFG mode needs a UNet without the adapter, which Core ML bundles do not hold: one clear line."""

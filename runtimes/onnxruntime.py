@@ -104,6 +104,10 @@ class OnnxRuntime(GraphRuntime):
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""
+        return self.run_outputs(component, *arrays)[0]
+
+    def run_outputs(self, component: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """As ``run``, returning every output in manifest order."""
         comp = self._component(component)
         feeds = {}
         for spec, array in zip(comp.inputs, arrays, strict=True):
@@ -111,6 +115,6 @@ class OnnxRuntime(GraphRuntime):
             feeds[spec.name] = check_input(f"{component} input {spec.name}", array, shape, np.dtype(spec.dtype))
         session = self.session(component)
         try:
-            return session.run([comp.outputs[0].name], feeds)[0]
+            return tuple(session.run([o.name for o in comp.outputs], feeds))
         except Exception as e:
             raise SunEdgeError(f"onnxruntime failed running {comp.file}: {first_line(e)}") from e

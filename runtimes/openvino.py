@@ -197,6 +197,10 @@ class OpenVinoRuntime(GraphRuntime):
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""
+        return self.run_outputs(component, *arrays)[0]
+
+    def run_outputs(self, component: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """As ``run``, returning every output in manifest order."""
         comp = self._component(component)
         feeds = []
         for spec, array in zip(comp.inputs, arrays, strict=True):
@@ -208,4 +212,4 @@ class OpenVinoRuntime(GraphRuntime):
             result = model(feeds)
         except Exception as e:
             raise SunEdgeError(f"OpenVINO failed running {comp.file}: {_message(e)}") from e
-        return np.array(result[model.outputs[0]], dtype=np.float32, copy=True)
+        return tuple(np.array(result[out], dtype=np.float32, copy=True) for out in model.outputs[:len(comp.outputs)])

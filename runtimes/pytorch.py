@@ -67,6 +67,7 @@ class TorchRuntime:
             self.info["optimize"] = self.optimize
         self.text_dim = int(self.text_encoder.config.hidden_size)
         self.latent_channels = int(self.vae.config.latent_channels)
+        self.unet_in_channels = int(self.unet_module.config.in_channels)  # 9: an inpainting UNet (latents, mask, masked image)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.text_tokens = int(self.text_encoder.config.max_position_embeddings)
@@ -125,8 +126,8 @@ class TorchRuntime:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
 
-    def _latents(self, what: str, latents: np.ndarray) -> np.ndarray:
-        return check_input(what, latents, (None, self.latent_channels, None, None), np.float32)
+    def _latents(self, what: str, latents: np.ndarray, channels: int | None = None) -> np.ndarray:
+        return check_input(what, latents, (None, channels or self.latent_channels, None, None), np.float32)
 
     def _timestep(self, t: np.ndarray | float | int) -> torch.Tensor:
         return torch.as_tensor(np.asarray(t, dtype=np.float32).reshape(-1)[:1], device=self.device)  # [1]
@@ -143,7 +144,7 @@ class TorchRuntime:
         """One SUN forward: eps [B,4,h,w] from latents, timestep and both text embeddings."""
         if self.sun_unet is None:
             raise SunEdgeError("this runtime has no SUN adapter", fix="adapter_or_cfg")
-        batch = self._latents("sample", latents).shape[0]
+        batch = self._latents("sample", latents, self.unet_in_channels).shape[0]
         check_input("encoder_hidden_states", pos, (batch, self.text_tokens, self.text_dim), np.float32)
         check_input("negative_encoder_hidden_states", neg, (batch, self.text_tokens, self.text_dim), np.float32)
         eps = self._sun_call(self._tensor(latents), self._timestep(t), self._tensor(pos), self._tensor(neg))
@@ -152,7 +153,7 @@ class TorchRuntime:
     @torch.no_grad()
     def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
         """The UNet without the adapter (batched CFG baseline): eps [B,4,h,w]."""
-        batch = self._latents("sample", latents).shape[0]
+        batch = self._latents("sample", latents, self.unet_in_channels).shape[0]
         check_input("encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
         return self._plain_call(self._tensor(latents), self._timestep(t), self._tensor(emb)).float().cpu().numpy()
 
@@ -190,9 +191,15 @@ class TorchRuntime:
             raise SunEdgeError("this runtime has no TAESD decoder", fix="load_tiny")
         return self.tiny_decoder(self._tensor(self._latents("latents", latents))).float().cpu().numpy()
 
-    @torch.no_grad()
     def encode(self, image: np.ndarray) -> np.ndarray:
         """Image [B,3,H,W] in [-1, 1] -> scaled latents [B,4,H/8,W/8] (the posterior mean)."""
+        return self.encode_dist(image)[0]
+
+    @torch.no_grad()
+    def encode_dist(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image [B,3,H,W] in [-1, 1] -> the scaled posterior's mean and std [B,4,H/8,W/8] each (diffusers'
+        ``DiagonalGaussianDistribution``: logvar clamped to [-30, 20]); img2img samples mean + std * noise."""
         check_input("image", image, (None, 3, None, None), np.float32)
         dist = self.vae.encode(self._tensor(image)).latent_dist
-        return (dist.mean * self.scaling_factor).float().cpu().numpy()
+        return ((dist.mean * self.scaling_factor).float().cpu().numpy(),
+                (dist.std * self.scaling_factor).float().cpu().numpy())

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from sun_edge.bundle import Bundle, open_bundle
+from sun_edge.components import unet_in_channels
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes import check_input
 from sun_edge.runtimes import tensorrt_rules as rules
@@ -78,6 +79,7 @@ class TensorRTRuntime(GraphRuntime):
         self._engines: dict[str, _Engine] = {}
         self._trt_runtime: Any = None
         self.latent_channels = int(manifest.latent["channels"])
+        self.unet_in_channels = unet_in_channels(manifest.latent)  # 9: an inpainting UNet
         self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
         self.scaling_factor = float(manifest.latent["scaling_factor"])
         self.text_tokens, self.text_dim = int(manifest.text["tokens"]), int(manifest.text["dim"])
@@ -117,7 +119,11 @@ class TensorRTRuntime(GraphRuntime):
         return state
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
-        """Check ``arrays`` against the component's inputs (manifest order), run its engine, return its output."""
+        """Check ``arrays`` against the component's inputs (manifest order), run its engine, return its first output."""
+        return self.run_outputs(component, *arrays)[0]
+
+    def run_outputs(self, component: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """As ``run``, returning every output in manifest order."""
         comp = self._component(component)
         checked = []
         for spec, array in zip(comp.inputs, arrays, strict=True):
@@ -139,13 +145,15 @@ class TensorRTRuntime(GraphRuntime):
         elif not state.context.execute_async_v3(int(self._stream)):
             raise SunEdgeError(f"TensorRT failed running {self._records[component].file}")
         state.runs += 1
-        spec = comp.outputs[0]
         batch = checked[0].shape[0]
-        out = np.empty(tuple(batch if d < 0 else d for d in spec.shape), dtype=np.dtype(spec.dtype))
-        _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, state.buffers[spec.name], out.nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream), "cudaMemcpyAsync")
+        outs = []
+        for spec in comp.outputs:
+            out = np.empty(tuple(batch if d < 0 else d for d in spec.shape), dtype=np.dtype(spec.dtype))
+            _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, state.buffers[spec.name], out.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream), "cudaMemcpyAsync")
+            outs.append(out)
         _cuda(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        return out
+        return tuple(outs)
 
     def _capture(self, state: _Engine) -> None:
         """Record one ``execute_async_v3`` on the stream as a CUDA graph (after the warm-up call)."""

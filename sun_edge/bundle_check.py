@@ -240,25 +240,32 @@ def _check_component(c: _Check, field: str, value: Any) -> None:
 
 def _check_geometry(c: _Check, data: Mapping[str, Any], factor: int) -> None:
     """Every component's I/O as the component table gives it for the manifest's image, latent and text sizes."""
-    from sun_edge.components import COMPONENTS, FREE, Geometry, describe
+    from sun_edge.components import COMPONENTS, FREE, Geometry, describe, unet_in_channels
 
     image, latent, text = data["image"], data["latent"], data["text"]
+    if "unet_in_channels" in latent:
+        c.integer("latent.unet_in_channels", latent["unet_in_channels"], hi=1024)
     dynamic = (data.get("batch") or {}).get("max", 1) > 1  # a batch range: graphs with a free batch dimension
     geometry = Geometry(height=image["height"], width=image["width"], latent_channels=latent["channels"],
                         vae_scale_factor=factor, text_tokens=text["tokens"], text_dim=text["dim"],
-                        batch=FREE if dynamic else 1)
+                        batch=FREE if dynamic else 1, unet_in_channels=unet_in_channels(latent))
     sizes = (f"image {image['height']}x{image['width']}, latent {latent['channels']}x{latent['height']}x"
              f"{latent['width']}, text {text['tokens']}x{text['dim']}")
     for name, comp in data["components"].items():
         if name not in COMPONENTS:
             raise c.fail(f"components.{name}", f"is not a component this sun-edge knows; known: {', '.join(COMPONENTS)}")
-        expected = COMPONENTS[name].io(geometry)
+        spec = COMPONENTS[name]
+        expected = spec.io(geometry)
         for kind, want in zip(("inputs", "outputs"), expected):
             have = comp[kind]
-            same = len(have) == len(want) and all(
-                h["name"] == w.name and list(h["shape"]) == list(w.shape)
-                and (h["dtype"] == w.dtype or (w.dtype in INTEGER_DTYPES and h["dtype"] in INTEGER_DTYPES))
-                for h, w in zip(have, want))
+            older = spec.older_outputs(geometry) if kind == "outputs" and spec.older_outputs else None
+
+            def matches(want: Any) -> bool:
+                return len(have) == len(want) and all(
+                    h["name"] == w.name and list(h["shape"]) == list(w.shape)
+                    and (h["dtype"] == w.dtype or (w.dtype in INTEGER_DTYPES and h["dtype"] in INTEGER_DTYPES))
+                    for h, w in zip(have, want))
+            same = matches(want) or (older is not None and matches(older))  # an older layout (vae_encoder's mean alone)
             if not same:
                 shown = ", ".join(f"{h['name']} {h['dtype']} [{','.join('?' if d < 0 else str(d) for d in h['shape'])}]"
                                   for h in have)

@@ -47,6 +47,7 @@ class Geometry:
     text_tokens: int = 77
     text_dim: int = 768
     batch: int = 1
+    unet_in_channels: int | None = None  # the UNet's sample channels; None: latent_channels (9: an inpainting UNet)
 
     @property
     def latent_height(self) -> int:
@@ -59,6 +60,11 @@ class Geometry:
     @property
     def latents(self) -> tuple[int, int, int, int]:
         return (self.batch, self.latent_channels, self.latent_height, self.latent_width)
+
+    @property
+    def unet_latents(self) -> tuple[int, int, int, int]:
+        """The UNet's ``sample``: the latents, and for an inpainting UNet the mask (1) and masked-image latents (4)."""
+        return (self.batch, self.unet_in_channels or self.latent_channels, self.latent_height, self.latent_width)
 
     @property
     def image(self) -> tuple[int, int, int, int]:
@@ -74,7 +80,12 @@ class Geometry:
         image, latent, text = manifest.image, manifest.latent, manifest.text
         return cls(height=int(image["height"]), width=int(image["width"]), latent_channels=int(latent["channels"]),
                    vae_scale_factor=int(image["height"]) // int(latent["height"]), text_tokens=int(text["tokens"]),
-                   text_dim=int(text["dim"]))
+                   text_dim=int(text["dim"]), unet_in_channels=unet_in_channels(latent))
+
+
+def unet_in_channels(latent: Mapping[str, Any]) -> int:
+    """A manifest's UNet sample channels: ``latent.unet_in_channels`` (bundles before it: the latent channels)."""
+    return int(latent.get("unet_in_channels", latent["channels"]))
 
 
 IO = Callable[[Geometry], tuple[TensorSpec, ...]]
@@ -91,6 +102,7 @@ class ComponentSpec:
     optional: bool  # a bundle may lack it
     policy: Policy
     summary: str
+    older_outputs: IO | None = None  # the outputs of bundles written before the current ones, still read
 
     def io(self, geometry: Geometry) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return self.inputs(geometry), self.outputs(geometry)
@@ -114,12 +126,12 @@ COMPONENTS: Mapping[str, ComponentSpec] = MappingProxyType({c.name: c for c in (
                   lambda g: (_f32("last_hidden_state", g.text),),
                   optional=False, policy="bundle", summary="token ids -> text embedding (CLIP's last hidden state)"),
     ComponentSpec("unet", "unet",
-                  lambda g: (_f32("sample", g.latents), _f32("timestep", (1,)), _f32("encoder_hidden_states", g.text),
+                  lambda g: (_f32("sample", g.unet_latents), _f32("timestep", (1,)), _f32("encoder_hidden_states", g.text),
                              _f32("negative_encoder_hidden_states", g.text)),
                   lambda g: (_f32("noise_pred", g.latents),),
                   optional=False, policy="bundle", summary="the SUN UNet, adapter fused: one forward per step"),
     ComponentSpec("unet_plain", "unet_plain",
-                  lambda g: (_f32("sample", _cfg_batch(g.latents)), _f32("timestep", (1,)),
+                  lambda g: (_f32("sample", _cfg_batch(g.unet_latents)), _f32("timestep", (1,)),
                              _f32("encoder_hidden_states", _cfg_batch(g.text))),
                   lambda g: (_f32("noise_pred", _cfg_batch(g.latents)),),
                   optional=True, policy="bundle", summary="the UNet without the adapter, batch 1 or 2 (CFG baseline)"),
@@ -127,8 +139,10 @@ COMPONENTS: Mapping[str, ComponentSpec] = MappingProxyType({c.name: c for c in (
                   lambda g: (_f32("latent_sample", g.latents),), lambda g: (_f32("sample", g.image),),
                   optional=False, policy="fp32", summary="sampler latents -> image in [-1, 1] (1/scaling inside)"),
     ComponentSpec("vae_encoder", "encode",
-                  lambda g: (_f32("sample", g.image),), lambda g: (_f32("latent_sample", g.latents),),
-                  optional=True, policy="fp32", summary="image in [-1, 1] -> scaled posterior mean (img2img)"),
+                  lambda g: (_f32("sample", g.image),),
+                  lambda g: (_f32("latent_sample", g.latents), _f32("latent_std", g.latents)),
+                  optional=True, policy="fp32", summary="image in [-1, 1] -> scaled posterior mean and std (img2img)",
+                  older_outputs=lambda g: (_f32("latent_sample", g.latents),)),  # the mean alone: no posterior sampling
     ComponentSpec("vae_decoder_tiny", "decode_tiny",
                   lambda g: (_f32("latents", g.latents),), lambda g: (_f32("image", g.image),),
                   optional=True, policy="bundle", summary="TAESD: sampler latents -> image in [-1, 1]"),
@@ -154,6 +168,8 @@ class Runtime(Protocol):
     ``has(name)`` says whether a component can be computed (a bundle without ``unet_plain``, a
     model without an adapter lacks ``unet``); a method whose component is missing raises a
     ``SunEdgeError`` naming it. ``decode`` runs the chosen decoder (``decode_full`` or ``decode_tiny``).
+    ``encode`` returns the VAE's scaled posterior mean, ``encode_dist`` its mean and std (img2img samples
+    ``mean + std * noise``); ``unet_in_channels`` is the UNet's sample channels (9: an inpainting UNet).
     ``release(name)`` frees what a component holds (sessions, weights); the next call loads it again.
     Batched calls take ``[B, ...]`` for B up to ``max_batch`` (``unet_plain``: 2B, the CFG pair).
     """
@@ -163,6 +179,7 @@ class Runtime(Protocol):
     latent_channels: int
     vae_scale_factor: int
     max_batch: int  # the most images one ``unet`` call takes (a bundle's graphs: their batch range)
+    unet_in_channels: int  # the UNet's sample channels: latent_channels, or 9 for an inpainting UNet
 
     def has(self, component: str) -> bool: ...
     def encode_text(self, ids: np.ndarray) -> np.ndarray: ...
@@ -172,6 +189,7 @@ class Runtime(Protocol):
     def decode_full(self, latents: np.ndarray) -> np.ndarray: ...
     def decode_tiny(self, latents: np.ndarray) -> np.ndarray: ...
     def encode(self, image: np.ndarray) -> np.ndarray: ...
+    def encode_dist(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
     def release(self, component: str) -> None: ...
 
 

@@ -15,24 +15,27 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sun_edge import imaging, noise, sampling
+from sun_edge import editing, imaging, noise, sampling
 from sun_edge import __version__
 from sun_edge.components import Runtime
 from sun_edge.settings import Mode, NoiseKind, Settings, check_finite, check_seeds, check_text
 from sun_edge.errors import SunEdgeError
 from sun_edge.tokenizer import CLIPTokenizer
 
-__all__ = ["Generated", "Job", "Mode", "Pipeline", "Runtime", "Settings"]
+__all__ = ["Generated", "Job", "Mode", "Pipeline", "Prepared", "Runtime", "Settings"]
 
 
 
 @dataclass(frozen=True)
 class Job:
-    """One image to make: its prompt, negative prompt and seed."""
+    """One image to make: its prompt, negative prompt and seed; for img2img an init image (any size: resized
+    and center-cropped to the model's), for inpainting also a mask of the init image's size (white = repaint)."""
 
     prompt: str
     negative_prompt: str = ""
     seed: int = 0
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
 
 
 @dataclass
@@ -72,11 +75,14 @@ class Pipeline:
                  settings.width // self.runtime.vae_scale_factor)
         return noise.initial_noise(seed, shape, kind=settings.noise)
 
-    def eps_fn(self, pos: np.ndarray, neg: np.ndarray, settings: Settings) -> "_Meter":
-        """The model as the sampler sees it (given both text embeddings), counting calls and their time."""
+    def eps_fn(self, pos: np.ndarray, neg: np.ndarray, settings: Settings, *,
+               condition: np.ndarray | None = None) -> "_Meter":
+        """The model as the sampler sees it (given both text embeddings), counting calls and their time.
+
+        ``condition`` [B,5,h,w]: an inpainting UNet's mask and masked-image latents, appended to its sample."""
         if settings.mode == "sun":
             def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
-                return self.runtime.unet(latents, t, pos, neg)
+                return self.runtime.unet(_with_condition(latents, condition), t, pos, neg)
         else:
             if not self.runtime.has("unet_plain"):
                 raise SunEdgeError(f"runtime {self.runtime.name} has no UNet without the adapter; CFG mode needs one")
@@ -84,7 +90,7 @@ class Pipeline:
             context, b = np.concatenate([neg, pos]), len(pos)  # [2B, 77, D]: every negative, then every positive
 
             def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
-                both = plain(np.concatenate([latents, latents]), t, context)  # [2B, 4, h, w]
+                both = plain(_with_condition(np.concatenate([latents, latents]), condition), t, context)  # [2B, 4, h, w]
                 return sampling.cfg_combine(both[:b], both[b:], settings.guidance)
         return _Meter(eps)
 
@@ -92,13 +98,58 @@ class Pipeline:
         """One untimed UNet call in ``settings.mode``, so that one-time backend set-up does not skew timings."""
         emb = self.embed("")
         latents = self.initial_latents(0, settings)
-        self.eps_fn(emb, emb, settings)(latents, np.array([999.0], np.float32))
+        condition = None
+        if self.inpainting_unet:
+            condition = np.zeros((1, latents.shape[1] + 1, *latents.shape[2:]), np.float32)  # [1, 5, h, w]
+        self.eps_fn(emb, emb, settings, condition=condition)(latents, np.array([999.0], np.float32))
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """Whether the runtime's UNet is an inpainting UNet (sd-1.5-inpainting: latents, mask, masked-image latents)."""
+        channels = getattr(self.runtime, "unet_in_channels", self.runtime.latent_channels)  # duck-typed runtimes: 4
+        if channels == self.runtime.latent_channels:
+            return False
+        if channels != 2 * self.runtime.latent_channels + 1:
+            raise SunEdgeError(f"runtime {self.runtime.name}'s UNet takes {channels} input channels; sun-edge runs "
+                               f"UNets of {self.runtime.latent_channels} (text-to-image) or "
+                               f"{2 * self.runtime.latent_channels + 1} (inpainting)")
+        return True
+
+    def prepare_edit(self, job: Job, settings: Settings) -> Prepared:
+        """What img2img and inpainting feed the sampler for ``job`` (``sun_edge.editing``): the init image's
+        latents sampled from the VAE posterior with the job's seed, the mask, an inpainting UNet's condition."""
+        if job.mask is not None and job.init_image is None:
+            raise SunEdgeError("a mask needs an init image to inpaint (give both)")
+        inpainting = self.inpainting_unet
+        if job.init_image is None and not inpainting:
+            return Prepared()
+        if not self.runtime.has("vae_encoder"):
+            raise SunEdgeError(f"runtime {self.runtime.name} has no VAE encoder, which img2img and inpainting need; "
+                               "re-export the bundle (sun-edge exports put the VAE encoder in every bundle)")
+        h, w, f = settings.height, settings.width, self.runtime.vae_scale_factor
+        draws = noise.initial_noise(job.seed, (3, self.runtime.latent_channels, h // f, w // f), kind=settings.noise)
+        image = mask = init = condition = None
+        if job.init_image is not None:
+            image = editing.prepare_image(job.init_image, w, h)  # [1, 3, H, W]
+            init = editing.sample_posterior(*self.runtime.encode_dist(image), draws[1:2])  # [1, 4, h, w]
+            check_finite(init, "the init image's latents", "the VAE encoder")
+        if job.mask is not None:
+            mask = editing.prepare_mask(job.mask, job.init_image.size, w, h, f, blur=settings.mask_blur,
+                                        invert=settings.invert_mask)
+        if inpainting:  # sd-1.5-inpainting: mask (all repainted without one), masked image (grey without an image)
+            full = editing.Mask(np.ones((1, 1, h, w), np.float32), np.ones((1, 1, h // f, w // f), np.float32))
+            which = mask or full
+            masked = which.masked_image(image if image is not None else np.zeros((1, 3, h, w), np.float32))
+            masked_latents = editing.sample_posterior(*self.runtime.encode_dist(masked), draws[2:3])
+            condition = np.concatenate([which.latent, masked_latents], axis=1)  # [1, 5, h, w]
+        return Prepared(image, init, mask, condition)
 
     def generate(self, prompt: str, negative_prompt: str = "", *, seeds: Sequence[int] = (0,),
                  settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None,
-                 max_batch: int = 1) -> list[Generated]:
-        """One image per seed, ``max_batch`` seeds per UNet call (see ``generate_batch``)."""
-        return self.generate_batch([Job(prompt, negative_prompt, seed) for seed in seeds], settings=settings,
+                 max_batch: int = 1, init_image: Image.Image | None = None, mask: Image.Image | None = None) -> list[Generated]:
+        """One image per seed, ``max_batch`` seeds per UNet call (see ``generate_batch``); ``init_image`` (img2img,
+        ``settings.strength``) and ``mask`` (inpainting, white = repaint) apply to every seed."""
+        return self.generate_batch([Job(prompt, negative_prompt, seed, init_image=init_image, mask=mask) for seed in seeds], settings=settings,
                                    progress=progress, max_batch=max_batch)
 
     def generate_batch(self, jobs: Sequence[Job], *, settings: Settings = Settings(),
@@ -110,6 +161,11 @@ class Pipeline:
         runtime mixes batch items (the adapter's norms are per sample), image k is the image job k
         gives alone. The VAE decodes one image at a time. ``progress(done, total)`` is called once
         before the first UNet step, then after each (a batched step counts once per image).
+
+        A job with an ``init_image`` is img2img: ``sampling.kept_steps(steps, settings.strength)`` steps
+        from its latents; with a ``mask`` it is inpainting (the region outside the mask blended back after
+        each step, and ``settings.paste_back`` pastes the original pixels there). Batches hold jobs of one
+        kind (text, img2img, inpainting); ``settings.strength`` is ignored for jobs without an init image.
         """
         settings.validate()
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -119,18 +175,19 @@ class Pipeline:
             check_text(job.negative_prompt, "negative prompt")
         check_seeds([job.seed for job in jobs])
         limit = min(max_batch, self.runtime.max_batch)
-        total, done = len(jobs) * settings.steps, 0
+        kept = sampling.kept_steps(settings.steps, settings.strength)
+        total, done = sum(kept if job.init_image is not None else settings.steps for job in jobs), 0
         texts = {text for job in jobs for text in (job.prompt, job.negative_prompt)}
         embedded = {text: self.embed(text) for text in sorted(texts)}  # [1, 77, D] each, once per distinct text
         if progress is not None:
             progress(0, total)  # text encoded: sampling starts
         results: list[Generated] = []
-        for first in range(0, len(jobs), limit):
-            group = list(jobs[first:first + limit])
+        for group in _groups(jobs, limit):
             start = time.perf_counter()
+            prepared = [self.prepare_edit(job, settings) for job in group]
             pos = np.concatenate([embedded[job.prompt] for job in group])  # [B, 77, D]
             neg = np.concatenate([embedded[job.negative_prompt] for job in group])  # [B, 77, D]
-            meter = self.eps_fn(pos, neg, settings)
+            meter = self.eps_fn(pos, neg, settings, condition=_condition(prepared))
 
             def step_done(*_: Any, n: int = len(group)) -> None:
                 nonlocal done
@@ -140,19 +197,22 @@ class Pipeline:
 
             x = np.concatenate([self.initial_latents(job.seed, settings) for job in group])  # [B, 4, h, w]
             latents = sampling.sample(meter, x, steps=settings.steps, scheduler=settings.scheduler,
-                                      spacing=settings.spacing, progress=step_done)
+                                      spacing=settings.spacing, progress=step_done, edit=_edit(prepared, settings))
             check_finite(latents, "the final latents", "the UNet")
             images = []
-            for k in range(len(group)):
+            for k, p in enumerate(prepared):
                 pixels = self.runtime.decode(latents[k:k + 1].astype(np.float32))  # [1, 3, H, W]
-                images.append(imaging.to_pil(check_finite(pixels, "the image", "the VAE decoder")[0]))
+                image = imaging.to_pil(check_finite(pixels, "the image", "the VAE decoder")[0])
+                if settings.paste_back and p.mask is not None:
+                    image = editing.paste_back(image, p.image, p.mask)
+                images.append(image)
             seconds, b = time.perf_counter() - start, len(group)
             results += [Generated(image, job.seed, job.prompt, job.negative_prompt, settings, seconds / b, meter.calls,
-                                  meter.seconds / b, self._fields(job.seed, settings), batch=b)
+                                  meter.seconds / b, self._fields(job.seed, settings, job), batch=b)
                         for job, image in zip(group, images)]
         return results
 
-    def _fields(self, seed: int, settings: Settings) -> dict[str, Any]:
+    def _fields(self, seed: int, settings: Settings, job: Job | None = None) -> dict[str, Any]:
         info = self.runtime.info
         model_hash = info.get("model_sha256")
         sun = settings.mode == "sun"
@@ -165,6 +225,7 @@ class Pipeline:
             "Size": f"{settings.width}x{settings.height}",
             "Model hash": model_hash[:10] if model_hash else None,
             "Model": info.get("model"),
+            **(_edit_fields(job, settings) if job is not None else {}),
             "Lora": ", ".join(info["loras"]) if info.get("loras") else None,
             "VAE decoder": info.get("vae_decoder"),  # "tiny:<TAESD>" when not the model's VAE
             "SUN": "on" if sun else "off (CFG baseline)",
@@ -174,6 +235,65 @@ class Pipeline:
             "Runtime": self.runtime.name,
             "Version": f"sun-edge {__version__}",
         }
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One job's editing inputs (``Pipeline.prepare_edit``); all None for text-to-image on an ordinary UNet."""
+
+    image: np.ndarray | None = None  # the init image as the model saw it [1,3,H,W] in [-1, 1]
+    init: np.ndarray | None = None  # its latents, a posterior sample [1,4,h,w]
+    mask: editing.Mask | None = None
+    condition: np.ndarray | None = None  # an inpainting UNet's mask and masked-image latents [1,5,h,w]
+
+
+def _groups(jobs: Sequence[Job], limit: int) -> list[list[Job]]:
+    """Consecutive jobs in batches of up to ``limit``, a new batch where the kind (text, img2img, inpainting) changes."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        kind = (job.init_image is not None, job.mask is not None)
+        last = groups[-1] if groups else None
+        if last is None or len(last) >= limit or (last[0].init_image is not None, last[0].mask is not None) != kind:
+            groups.append([job])
+        else:
+            last.append(job)
+    return groups
+
+
+def _edit(prepared: Sequence[Prepared], settings: Settings) -> sampling.Edit | None:
+    """The sampler's ``Edit`` for one batch of jobs of one kind (None: text-to-image)."""
+    if prepared[0].init is None:
+        return None
+    init = np.concatenate([p.init for p in prepared])  # [B, 4, h, w]
+    masks = [p.mask.latent for p in prepared if p.mask is not None]
+    return sampling.Edit(init, settings.strength, np.concatenate(masks) if masks else None)  # mask [B, 1, h, w]
+
+
+def _condition(prepared: Sequence[Prepared]) -> np.ndarray | None:
+    """An inpainting UNet's extra input channels for one batch [B,5,h,w] (None: an ordinary UNet)."""
+    found = [p.condition for p in prepared if p.condition is not None]
+    return np.concatenate(found) if found else None
+
+
+def _with_condition(latents: np.ndarray, condition: np.ndarray | None) -> np.ndarray:
+    """The UNet's sample: ``latents`` [n,4,h,w] and, for an inpainting UNet, ``condition`` [B,5,h,w] (repeated for
+    the CFG pair, n = 2B) -> [n,9,h,w]."""
+    if condition is None:
+        return latents
+    return np.concatenate([latents, np.tile(condition, (len(latents) // len(condition), 1, 1, 1))], axis=1)
+
+
+def _edit_fields(job: Job, settings: Settings) -> dict[str, Any]:
+    """A1111's img2img fields: denoising strength, the init image's hash, the mask's blur and mode."""
+    if job.init_image is None:
+        return {}
+    return {
+        "Denoising strength": settings.strength,
+        "Init image hash": editing.image_hash(job.init_image),
+        "Mask blur": settings.mask_blur if job.mask is not None else None,
+        "Mask mode": "Inpaint not masked" if job.mask is not None and settings.invert_mask else None,
+        "Paste back": "on" if job.mask is not None and settings.paste_back else None,
+    }
 
 
 class _Meter:

@@ -20,6 +20,15 @@ Known diffusers quirks that are reproduced on purpose: DDIM steps to
 ``leading`` spacing scales the initial noise by ``sqrt(sigma_max**2 + 1)``.
 One that is not: for 62 step counts (61, 103, 121, ...) diffusers' ``trailing`` grid
 has an extra final timestep -1; here the grid always has exactly ``steps`` entries.
+
+Image editing (``Edit``): img2img starts from an image's latents noised to the first kept
+timestep and runs the tail of the grid, as diffusers' img2img pipelines do (``get_timesteps``:
+``int(steps * strength)`` timesteps kept, here at least one); full strength starts from the
+noise alone (diffusers' inpainting pipeline's ``is_strength_max``), so it is text-to-image.
+Inpainting by latent blending replaces the kept region after each step by the image's latents
+noised to the next timestep (clean after the last), as StableDiffusionInpaintPipeline does for
+4-channel UNets. Noising is each scheduler's own ``add_noise``: ``sqrt(a) x0 + sqrt(1 - a) n``
+for DDIM and DPM-Solver++, ``x0 + sigma n`` for Euler.
 """
 
 from __future__ import annotations
@@ -41,6 +50,42 @@ EpsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 Progress = Callable[[int, int], None]
 
 SPACINGS: tuple[Spacing, ...] = get_args(Spacing)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Where a sampling run starts from an image (img2img) and what it keeps (inpainting by blending).
+
+    ``init``: the image's latents x0 [B,4,h,w] as the sampler's output is (VAE-scaled).
+    ``strength`` in (0, 1]: the fraction of the grid that runs (``kept_steps``).
+    ``mask``: None (img2img), or [B or 1, 1, h, w] in [0, 1] on the latent grid, 1 = repaint; after
+    each step the region outside it is replaced by ``init`` noised to the next timestep.
+    """
+
+    init: np.ndarray
+    strength: float = 1.0
+    mask: np.ndarray | None = None
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """How many timesteps of a ``steps`` grid run at ``strength``: ``int(steps * strength)`` as diffusers'
+    ``get_timesteps``, at most ``steps`` and at least one."""
+    if not (isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0.0 < strength <= 1.0):
+        raise SunEdgeError(f"strength must be a number in (0, 1], got {strength!r}")
+    return max(1, min(int(steps * strength), steps))
+
+
+def _start(edit: Edit | None, steps: int) -> int:
+    """The grid index the run starts at (0: the whole grid, from noise alone)."""
+    return 0 if edit is None else steps - kept_steps(steps, edit.strength)
+
+
+def _blend(x: np.ndarray, edit: Edit | None, reference: Callable[[], np.ndarray]) -> np.ndarray:
+    """Inpainting by blending: ``mask * x + (1 - mask) * reference()`` (the init latents at this noise level)."""
+    if edit is None or edit.mask is None:
+        return x
+    m = edit.mask.astype(np.float64)
+    return m * x + (1.0 - m) * reference()
 
 
 @dataclass(frozen=True)
@@ -136,7 +181,7 @@ def _report(progress: Progress | None, done: int, total: int) -> None:
 
 def sample_ddim(
     eps_fn: EpsFn, noise: np.ndarray, schedule: NoiseSchedule, steps: int, spacing: Spacing,
-    progress: Progress | None = None,
+    progress: Progress | None = None, edit: Edit | None = None,
 ) -> np.ndarray:
     """DDIM, deterministic (Song et al. 2020, eq. 12 with eta = 0), as diffusers' DDIMScheduler.
 
@@ -146,20 +191,27 @@ def sample_ddim(
     a = schedule.alphas_cumprod()
     ts = np.round(schedule.timesteps(steps, spacing)).astype(np.int64)
     jump = schedule.num_train_timesteps // steps
-    x = noise  # init_noise_sigma = 1
+    start = _start(edit, steps)
+    ts = ts[start:]
+
+    def noised(k: int) -> np.ndarray:  # DDIMScheduler.add_noise of the init latents at ts[k]
+        return math.sqrt(a[ts[k]]) * edit.init + math.sqrt(1.0 - a[ts[k]]) * noise
+
+    x = noised(0) if start else noise  # init_noise_sigma = 1
     for i, t in enumerate(ts):
         eps = _predict(eps_fn, x, float(t))
         a_t = a[t]
         a_prev = a[t - jump] if t - jump >= 0 else a[0]
         x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps
+        x = _blend(x, edit, lambda: noised(i + 1) if i + 1 < len(ts) else edit.init)
         _report(progress, i + 1, len(ts))
     return x
 
 
 def sample_dpmpp_2m(
     eps_fn: EpsFn, noise: np.ndarray, schedule: NoiseSchedule, steps: int, spacing: Spacing,
-    progress: Progress | None = None,
+    progress: Progress | None = None, edit: Edit | None = None,
 ) -> np.ndarray:
     """DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler defaults.
 
@@ -170,10 +222,18 @@ def sample_dpmpp_2m(
     """
     ts = np.round(schedule.timesteps(steps, spacing, grid="intervals")).astype(np.int64)
     sigmas = np.append(schedule.sigmas()[ts], 0.0)  # [steps + 1]
-    x = noise  # init_noise_sigma = 1
+    start = _start(edit, steps)
+
+    def noised(k: int) -> np.ndarray:  # DPMSolverMultistepScheduler.add_noise at sigmas[k]: alpha x0 + s n
+        alpha = 1.0 / math.sqrt(1.0 + sigmas[k] ** 2)
+        return alpha * edit.init + sigmas[k] * alpha * noise
+
+    x = noised(start) if start else noise  # init_noise_sigma = 1
     old_denoised: np.ndarray | None = None
     h_last = 0.0
     for i, t in enumerate(ts):
+        if i < start:  # the head of the grid that img2img skips
+            continue
         eps = _predict(eps_fn, x, float(t))
         alpha_s = 1.0 / math.sqrt(1.0 + sigmas[i] ** 2)
         s_s = sigmas[i] * alpha_s
@@ -192,13 +252,14 @@ def sample_dpmpp_2m(
             x = (s_t / s_s) * x - alpha_t * math.expm1(-h) * d
             h_last = h
         old_denoised = denoised
-        _report(progress, i + 1, len(ts))
+        x = _blend(x, edit, lambda: noised(i + 1) if i + 1 < len(ts) else edit.init)
+        _report(progress, i + 1 - start, len(ts) - start)
     return x
 
 
 def sample_euler(
     eps_fn: EpsFn, noise: np.ndarray, schedule: NoiseSchedule, steps: int, spacing: Spacing,
-    progress: Progress | None = None,
+    progress: Progress | None = None, edit: Edit | None = None,
 ) -> np.ndarray:
     """Euler method on the probability-flow ODE (Karras et al. 2022, alg. 2 without churn).
 
@@ -209,17 +270,25 @@ def sample_euler(
     table = schedule.sigmas()
     sigmas = np.append(np.interp(ts, np.arange(len(table)), table), 0.0)  # [steps + 1]
     init_sigma = math.sqrt(sigmas[0] ** 2 + 1.0) if spacing == "leading" else sigmas[0]
-    x = noise * init_sigma
+    start = _start(edit, steps)
+
+    def noised(k: int) -> np.ndarray:  # EulerDiscreteScheduler.add_noise at sigmas[k]: x0 + sigma n
+        return edit.init + sigmas[k] * noise
+
+    x = noised(start) if start else noise * init_sigma
     for i, t in enumerate(ts):
+        if i < start:  # the head of the grid that img2img skips
+            continue
         eps = _predict(eps_fn, x / math.sqrt(sigmas[i] ** 2 + 1.0), float(t))
         denoised = x - sigmas[i] * eps
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
-        _report(progress, i + 1, len(ts))
+        x = _blend(x, edit, lambda: noised(i + 1))  # sigmas[-1] = 0: the clean init after the last step
+        _report(progress, i + 1 - start, len(ts) - start)
     return x
 
 
-Sampler = Callable[[EpsFn, np.ndarray, NoiseSchedule, int, Spacing, Progress | None], np.ndarray]
+Sampler = Callable[[EpsFn, np.ndarray, NoiseSchedule, int, Spacing, Progress | None, Edit | None], np.ndarray]
 
 SCHEDULERS: Mapping[str, Sampler] = MappingProxyType(
     {"dpmpp_2m": sample_dpmpp_2m, "ddim": sample_ddim, "euler": sample_euler}
@@ -247,9 +316,12 @@ def sample(
     spacing: Spacing,
     progress: Progress | None = None,
     schedule: NoiseSchedule = SD15,
+    edit: Edit | None = None,
 ) -> np.ndarray:
     """Run a whole sampling loop from unit-variance noise ``latents`` [B,4,h,w] to x0 latents.
 
+    ``edit``: img2img (and inpainting) from an image's latents: only the tail of the grid runs
+    (``kept_steps(steps, edit.strength)`` UNet calls), from ``edit.init`` noised with ``latents``.
     ``progress(done, total)`` is called after every step (done = 1..total), e.g.
     ``lambda done, total: bar.update(1)`` for a tqdm bar. Returns float32 [B,4,h,w].
     """
@@ -260,5 +332,33 @@ def sample(
         raise SunEdgeError(f"latents must be a float array [B,4,h,w], got {noise.dtype} {noise.shape}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise SunEdgeError(f"steps must be an int, got {steps!r}")
-    x = loop(eps_fn, noise.astype(np.float64), schedule, int(steps), spacing, progress)
+    if edit is not None:
+        edit = _check_edit(edit, noise.shape, int(steps))
+    x = loop(eps_fn, noise.astype(np.float64), schedule, int(steps), spacing, progress, edit)
     return x.astype(np.float32)
+
+
+def _check_edit(edit: Edit, shape: tuple[int, ...], steps: int) -> Edit:
+    """``edit`` with float64 arrays, its shapes checked against the latents' (one line each)."""
+    kept_steps(steps, edit.strength)
+    init = np.asarray(edit.init, dtype=np.float64)
+    if init.shape != tuple(shape):
+        raise SunEdgeError(f"the init latents have shape {list(init.shape)}; the noise has {list(shape)}")
+    mask = None
+    if edit.mask is not None:
+        mask = np.asarray(edit.mask, dtype=np.float64)
+        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, shape[0]) or mask.shape[2:] != tuple(shape[2:]):
+            raise SunEdgeError(f"the latent mask has shape {list(mask.shape)}; it must be [{shape[0]} or 1, 1, "
+                               f"{shape[2]}, {shape[3]}]")
+    return Edit(init, float(edit.strength), mask)
+
+
+def kept_timesteps(steps: int, scheduler: str, spacing: Spacing, strength: float = 1.0,
+                   schedule: NoiseSchedule = SD15) -> np.ndarray:
+    """The timesteps a run at ``strength`` calls the UNet at: the tail of the scheduler's grid (float64)."""
+    get_scheduler(scheduler)
+    grid: Grid = "intervals" if scheduler == "dpmpp_2m" else "points"
+    ts = schedule.timesteps(steps, spacing, grid=grid)
+    if scheduler != "euler":
+        ts = np.round(ts)
+    return ts[steps - kept_steps(steps, strength):]

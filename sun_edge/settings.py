@@ -31,6 +31,7 @@ MAX_STEPS = 1000  # the training schedule's length: more steps than timesteps me
 MAX_SIDE = 2048  # SD1.5 makes 512-768; 2048x2048 already needs a 256x256 latent and many GB per UNet call
 MAX_GUIDANCE = 50.0
 MAX_SEED = 2**64 - 1
+MAX_MASK_BLUR = 64  # pixels; A1111's slider stops there
 
 
 def _check_int(what: str, value: Any, low: int, high: int) -> None:
@@ -103,6 +104,10 @@ class Settings:
     height: int = 512
     width: int = 512
     noise: NoiseKind = "torch"
+    strength: float = 1.0  # img2img/inpainting denoising strength in (0, 1]: the fraction of the grid that runs
+    mask_blur: int = 0  # inpainting: pixels of Gaussian blur on the mask (A1111's mask_blur), 0..64
+    invert_mask: bool = False  # inpainting: repaint the black part instead (A1111's inpainting_mask_invert)
+    paste_back: bool = False  # inpainting: the original pixels outside the (blurred) mask over the result
 
     @classmethod
     def baseline(cls, **overrides: Any) -> "Settings":
@@ -151,3 +156,11 @@ class Settings:
                 raise SunEdgeError(f"{side} {value} is outside [8, {MAX_SIDE}]")
         if self.noise not in NOISE_KINDS:
             raise SunEdgeError(f"unknown noise {self.noise!r}; valid: {', '.join(NOISE_KINDS)}")
+        if (isinstance(self.strength, bool) or not isinstance(self.strength, (int, float))
+                or not math.isfinite(self.strength) or not 0.0 < self.strength <= 1.0):
+            raise SunEdgeError(f"strength must be a number in (0, 1] (the fraction of the steps that run on the init "
+                               f"image), got {self.strength!r}")
+        _check_int("mask blur (pixels)", self.mask_blur, 0, MAX_MASK_BLUR)
+        for name in ("invert_mask", "paste_back"):
+            if not isinstance(getattr(self, name), bool):
+                raise SunEdgeError(f"{name} must be true or false, got {getattr(self, name)!r}")
