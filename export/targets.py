@@ -163,7 +163,7 @@ PACKAGINGS: Mapping[str, Packaging] = MappingProxyType({p.name: p for p in (
               options=(Option("bundle", "package this bundle (onnx or tensorrt; nothing is loaded) instead of exporting --model"),
                        Option("bundle_target", "the bundle exported into the repository from --model: onnx (default) or tensorrt",
                               choices=("onnx", "tensorrt")),
-                       Option("instance_kind", "KIND_CPU or KIND_GPU model instances (default: gpu for TensorRT, else cpu)",
+                       Option("instance_kind", "KIND_CPU or KIND_GPU model instances (default: gpu for TensorRT or with --gpus, else cpu)",
                               choices=("cpu", "gpu")),
                        Option("instances", "model instances per device (default 1: one per GPU)", int),
                        Option("gpus", "with --instance-kind gpu: GPU numbers, e.g. 0,1 (default: every GPU Triton sees)"),

@@ -69,7 +69,7 @@ class TritonOptions(ExportOptions):
 
     bundle: Path | str | None = None  # package this bundle (nothing is loaded); None: export the model
     bundle_target: str = "onnx"  # from a model: the bundle inside (onnx or tensorrt)
-    instance_kind: str | None = None  # cpu or gpu; default: gpu for a TensorRT bundle, else cpu
+    instance_kind: str | None = None  # cpu or gpu; default: gpu for a TensorRT bundle or with gpus, else cpu
     instances: int = 1  # model instances per device (each is one stub process holding the runtime)
     gpus: str | None = None  # with gpu: "0,1,2" (default: every GPU Triton sees)
     queue_delay_us: int = 20000  # how long the dynamic batcher holds a request for others
@@ -115,7 +115,7 @@ def _dims(shape: Sequence[int]) -> str:
 
 def model_config(manifest: Any, options: TritonOptions) -> str:
     """The pipeline model's ``config.pbtxt`` for a bundle's manifest."""
-    kind = options.instance_kind or ("gpu" if manifest.target == "tensorrt" else "cpu")
+    kind = options.instance_kind or ("gpu" if manifest.target == "tensorrt" or options.gpus is not None else "cpu")
     if manifest.target == "tensorrt" and kind != "gpu":
         raise SunEdgeError("a TensorRT bundle runs on NVIDIA GPUs: drop --instance-kind cpu, or package an ONNX bundle")
     runtime = "tensorrt" if manifest.target == "tensorrt" else "onnxruntime"

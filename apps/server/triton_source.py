@@ -14,6 +14,7 @@ cancelled requests stop nothing that Triton already runs; their answers are drop
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from dataclasses import dataclass
@@ -118,8 +119,8 @@ class TritonClient:
             done.release()
 
         for i, r in enumerate(requests):
-            self.client.async_infer(self.model, self._inputs(r), lambda res, err, i=i: callback(i, res, err),
-                                    outputs=outputs, client_timeout=self.timeout_s)
+            self.client.async_infer(self.model, self._inputs(r), functools.partial(callback, i), outputs=outputs,
+                                    client_timeout=self.timeout_s)  # called as callback(result=..., error=...)
         for _ in requests:
             if not done.acquire(timeout=self.timeout_s + 5):
                 raise SunEdgeError(f"Triton at {self.url} did not answer within {self.timeout_s:g} s")
@@ -165,6 +166,10 @@ class TritonPipeline:
         if settings.spacing != (self.runtime.manifest.scheduler if settings.mode == "sun" else
                                 self.runtime.manifest.baseline).get("spacing", settings.spacing):
             raise SunEdgeError("the Triton model samples with its bundle's spacing; ask for no other")
+        for job in jobs:  # the Triton model makes images from text (img2img, inpainting, ControlNet: not yet)
+            if any(getattr(job, f, None) is not None for f in ("init_image", "mask", "control_image")):
+                raise SunEdgeError("this server forwards to Triton, whose sun-edge model makes images from text only; "
+                                   "send txt2img requests, or serve the bundle directly for img2img")
         if progress is not None:
             progress(0, len(jobs) * settings.steps)
         answers = self.client.infer_many([self.request(job, settings) for job in jobs])
