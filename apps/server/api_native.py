@@ -103,7 +103,7 @@ async def info(request: Request) -> dict[str, Any]:
                    "max_body_bytes": limits.max_body_bytes, "max_prompt_chars": limits.max_prompt_chars,
                    "text_tokens": 77, "max_image_body_bytes": limits.max_image_body_bytes,
                    "max_image_bytes": limits.max_image_bytes, "max_image_pixels": limits.max_image_pixels},
-        "img2img": bool(source.runtime.has("vae_encoder")),  # POST /sdapi/v1/img2img
+        "img2img": bool(source.runtime.has("vae_encoder")) and hasattr(source.pipeline, "prepare_edit"),
         "controlnet": controlnet_title(source)[0],
         "auth": state.config.api_key is not None,
     }
