@@ -1,8 +1,10 @@
 """Single-file SD1.x checkpoints in the original LDM layout, as civitai distributes them.
 
 Converted offline into diffusers models built from the bundled SD1.5 configs, one component
-at a time, with every key and shape checked. Other architectures (SD2.x, SDXL, inpainting,
-SD3/Flux, a LoRA passed as a model) are recognised from keys and shapes and refused by name.
+at a time, with every key and shape checked; an inpainting UNet (sd-1.5-inpainting: 9 input
+channels) is recognised from its conv_in weight and built with 9. Other architectures (SD2.x,
+SDXL, InstructPix2Pix, SD3/Flux, a LoRA passed as a model) are recognised from keys and shapes
+and refused by name.
 """
 
 from __future__ import annotations
@@ -67,15 +69,31 @@ def check_sd1_architecture(filename: str, shapes: dict[str, tuple[int, ...]], un
             )
         raise SunEdgeError(f"{filename} has cross-attention width {widths[0]}, expected {expected_width}; {_NOT_SD1}")
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != unet_config["in_channels"]:
-        kind = {9: "an inpainting", 8: "an InstructPix2Pix"}.get(conv_in[1], f"a {conv_in[1]}-channel")
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] not in unet_channels(unet_config):
+        kind = {8: "an InstructPix2Pix"}.get(conv_in[1], f"a {conv_in[1]}-channel")
         raise SunEdgeError(
             f"{filename} looks like {kind} UNet ({conv_in[1]} input channels, expected "
-            f"{unet_config['in_channels']}); sun-edge supports text-to-image SD1.x models"
+            f"{' or '.join(map(str, unet_channels(unet_config)))}); sun-edge supports SD1.x text-to-image and "
+            "inpainting UNets"
         )
     for prefix, what in ((TEXT_PREFIX, "CLIP text encoder"), (VAE_PREFIX, "VAE")):
         if not has(prefix):
             raise SunEdgeError(f"{filename} has no {what} weights ({prefix}*); use a full SD1.x checkpoint")
+
+
+def unet_channels(unet_config: dict[str, Any]) -> tuple[int, int]:
+    """The UNet input channels sun-edge runs: text-to-image (the latents) and inpainting (latents, mask,
+    masked-image latents: sd-1.5-inpainting's 9)."""
+    latent = int(unet_config["out_channels"])
+    return (latent, 2 * latent + 1)
+
+
+def with_in_channels(unet_config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``unet_config`` with the input channels the checkpoint's own conv_in weight has (an inpainting UNet: 9)."""
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None or len(conv_in) != 4 or conv_in[1] == unet_config["in_channels"]:
+        return unet_config
+    return {**unet_config, "in_channels": int(conv_in[1])}
 
 
 def _read_configs(config_dir: Path) -> dict[str, dict[str, Any]]:
@@ -97,6 +115,7 @@ def load_single_file(path: Path, config_dir: Path, *, allow_pickle: bool) -> dic
         raw = read_state_dict(path, allow_pickle=allow_pickle)
         shapes = {key: tuple(value.shape) for key, value in raw.items()}
     check_sd1_architecture(path.name, shapes, configs["unet"])
+    configs["unet"] = with_in_channels(configs["unet"], shapes)  # read from the tensors, not assumed
 
     def take(prefix: str) -> dict[str, Any]:
         if raw is None:

@@ -20,6 +20,8 @@ from sun_edge.errors import SunEdgeError
 from sun_edge.settings import check_output_file
 from sun_edge.runtimes.torch_speed import OPTIMIZATIONS
 
+DEFAULT_STRENGTH = 0.75  # --init-image without --strength: A1111's default denoising strength
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sun-edge", description="SpeedUpNet (SUN): 4-step Stable Diffusion 1.5 with negative prompts, for edge runtimes.")
     parser.add_argument("--version", action="version", version=f"sun-edge {__version__}")
@@ -57,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: the model's VAE (default); tiny:PATH: a TAESD decoder (diffusers folder or .safetensors), "
                         "faster; with --bundle: full or tiny (the TAESD graph exported into it)")
     g.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path; several seeds add -s<seed> to the name")
+    e = g.add_argument_group("img2img and inpainting")
+    e.add_argument("--init-image", type=Path, metavar="FILE", help="img2img: start from this image (resized and center-cropped to the model's size)")
+    e.add_argument("--strength", type=float, help=f"with --init-image: denoising strength in (0, 1], the fraction of the steps that run (default {DEFAULT_STRENGTH})")
+    e.add_argument("--mask", type=Path, metavar="FILE", help="with --init-image: inpaint where this mask is white (same size as the init image)")
+    e.add_argument("--mask-blur", type=int, default=0, metavar="N", help="with --mask: blur the mask by N pixels (0..64, default 0)")
+    e.add_argument("--invert-mask", action="store_true", help="with --mask: repaint where the mask is black")
+    e.add_argument("--paste-back", action="store_true", help="with --mask: paste the original pixels back outside the (blurred) mask")
 
     sub.add_parser("models", help="list the model registry and what is installed ($SUN_EDGE_HOME/models)")
 
@@ -121,6 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from sun_edge import imaging
     from sun_edge.pipeline import Pipeline, Settings
+    from sun_edge.sampling import kept_steps
     from sun_edge.settings import check_seeds, check_text
 
     check_output_file(args.output, "-o", suffix=".png")
@@ -131,7 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SunEdgeError(f"--batch must be at least 1, got {args.batch}")
     overrides = {"steps": args.steps, "scheduler": args.scheduler, "spacing": args.spacing, "height": args.height,
                  "width": args.width}
-    common = {"guidance": args.guidance, "noise": args.noise}
+    common = {"guidance": args.guidance, "noise": args.noise, **_edit_settings(args)}
+    init_image, mask = _edit_images(args)
     if args.bundle is not None:  # --bundle runs without PyTorch: nothing on this path imports it
         from sun_edge.bundle import open_bundle
 
@@ -160,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compare:  # the captions compare times: take one-time set-up out of both
         for s in runs:
             pipe.warm_up(s)
-    total = sum(s.steps for s in runs) * len(args.seed)
+    total = sum(kept_steps(s.steps, s.strength) if init_image is not None else s.steps for s in runs) * len(args.seed)
     bar = None
 
     def progress(done: int, _total: int) -> None:
@@ -170,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         results = [pipe.generate(args.prompt, args.negative_prompt, seeds=args.seed, settings=s, progress=progress,
-                                 max_batch=args.batch) for s in runs]
+                                 max_batch=args.batch, init_image=init_image, mask=mask) for s in runs]
     finally:
         if bar is not None:
             bar.close()
@@ -186,6 +197,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   f"{r.unet_seconds / r.unet_calls:.3f} s each", file=sys.stderr)
         print(f"wrote {path}")
     return 0
+
+
+def _edit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The img2img/inpainting settings the flags ask for; flags that need --init-image or --mask without it: one line."""
+    if args.init_image is None:
+        for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
+            if value is not None:
+                raise SunEdgeError(f"{flag} needs --init-image FILE (the image to start from)")
+    if args.mask is None:
+        for flag, given in (("--mask-blur", args.mask_blur != 0), ("--invert-mask", args.invert_mask),
+                            ("--paste-back", args.paste_back)):
+            if given:
+                raise SunEdgeError(f"{flag} needs --mask FILE (white = repaint)")
+    if args.init_image is None:
+        return {}
+    return {"strength": DEFAULT_STRENGTH if args.strength is None else args.strength, "mask_blur": args.mask_blur,
+            "invert_mask": args.invert_mask, "paste_back": args.paste_back}
+
+
+def _edit_images(args: argparse.Namespace) -> tuple[Any, Any]:
+    """--init-image and --mask read (a file that is not an image, a mask of another size: one line), before a model loads."""
+    from sun_edge.editing import open_image
+
+    if args.init_image is None:
+        return None, None
+    init = open_image(args.init_image, "--init-image")
+    mask = open_image(args.mask, "--mask") if args.mask is not None else None
+    if mask is not None and mask.size != init.size:
+        raise SunEdgeError(f"--mask {args.mask} is {mask.width}x{mask.height} and --init-image {args.init_image} is "
+                           f"{init.width}x{init.height}; give a mask of the init image's size")
+    return init, mask
 
 
 def _caption(g: Any) -> list[str]:

@@ -12,6 +12,7 @@ defaults to ``~/.cache/sun-edge``. Nothing here ever downloads: users put files 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from sun_edge.errors import SunEdgeError, first_line
 from sun_edge.weights import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
+    read_shapes,
     read_state_dict,
     sha256_file,
 )
@@ -348,7 +350,9 @@ def _load_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
     }
     loaded = {}
     for component, (cls, stem, extra_args) in classes.items():
-        _, safe, variant = _weight_file(path / component, stem, allow_pickle)
+        weights, safe, variant = _weight_file(path / component, stem, allow_pickle)
+        if component == "unet":
+            _check_unet_channels(path, weights, safe)
         try:
             model, info = cls.from_pretrained(
                 str(path / component),
@@ -367,6 +371,25 @@ def _load_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
             raise SunEdgeError(f"{path.name}/{component} weights do not match its config: {summary}")
         loaded[component] = _own_memory(model)
     return loaded
+
+
+def _check_unet_channels(path: Path, weights: Path, safe: bool) -> None:
+    """A folder's UNet: its config's ``in_channels`` must be what its conv_in weight holds (checked in the
+    safetensors header before loading), and one sun-edge runs: the latents (4) or inpainting's 9."""
+    from sun_edge.checkpoint import unet_channels
+
+    config = json.loads((path / "unet" / "config.json").read_text())
+    declared = int(config.get("in_channels", 4))
+    if safe and weights.suffix == ".safetensors":
+        conv_in = read_shapes(weights).get("conv_in.weight")
+        if conv_in is not None and len(conv_in) == 4 and conv_in[1] != declared:
+            raise SunEdgeError(f"{path.name}/unet/config.json says in_channels {declared}, but its conv_in weight takes "
+                               f"{conv_in[1]} channels; fix the config (an inpainting UNet has 9)")
+    allowed = unet_channels({"out_channels": config.get("out_channels", 4)})
+    if declared not in allowed:
+        kind = {8: "an InstructPix2Pix"}.get(declared, f"a {declared}-channel")
+        raise SunEdgeError(f"{path.name} has {kind} UNet ({declared} input channels); sun-edge runs SD1.x "
+                           f"text-to-image ({allowed[0]}) and inpainting ({allowed[1]}) UNets")
 
 
 def _own_memory(module: Any) -> Any:

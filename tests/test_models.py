@@ -187,7 +187,7 @@ SD2_CROSS_K = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn
         ),
         ({**SD1_CONV_IN, "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024)}, "SD2.x"),
         ({**SD1_CONV_IN, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,)}, "SDXL"),
-        ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)}, "InstructPix2Pix"),  # 9 (inpainting) loads
         ({"lora_unet_conv_in.lora_down.weight": (4, 4, 3, 3)}, "--lora"),
         ({"model.diffusion_model.joint_blocks.0.x.weight": (8, 8)}, "SD3 or Flux"),
         ({"down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3)}, "diffusers folder"),
