@@ -264,29 +264,21 @@ def test_the_engine_batches_jobs_with_their_own_images_when_settings_are_equal()
     assert [[g.image for g in r] for r in results] == [[a], [b, b], [c], [c], [None]]  # each its own images back
 
 
-# --- over HTTP on pocket-base (needs the library's img2img)
-
-def _editing() -> bool:
-    from sun_edge.pipeline import Job
-
-    return {"init_image", "mask", "control_image"} <= {f.name for f in fields(Job)}
-
+# --- over HTTP on pocket-base
 
 def _controlnets() -> bool:
     import inspect
 
+    from sun_edge.pipeline import Job
     from sun_edge.runtimes.pytorch import TorchRuntime
 
-    return "controlnet" in inspect.signature(TorchRuntime.load).parameters
+    return "control_image" in {f.name for f in fields(Job)} and "controlnet" in inspect.signature(TorchRuntime.load).parameters
 
 
-EDITING = _editing()
-CONTROLNETS = EDITING and _controlnets()
-needs_editing = pytest.mark.skipif(not EDITING, reason="the library has no Job.init_image yet")
+CONTROLNETS = _controlnets()
 needs_controlnet = pytest.mark.skipif(not CONTROLNETS, reason="the library loads no ControlNet yet")
 
 
-@needs_editing
 def test_a_text_only_pipeline_refuses_edits_in_one_line():
     """``serve --triton``'s pipeline makes images from text only: an img2img request is a 422, not a failed batch."""
     from types import SimpleNamespace
@@ -339,8 +331,6 @@ def controlnet_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, controlnet_file):
     folder = tmp_path_factory.mktemp("serve-img2img")
-    if not EDITING:
-        pytest.skip("the library has no Job.init_image yet")
     s = Server(folder / "serve.log", "--max-batch", "8", "--batch-window-ms", "150", "--threads", "1",
                *(["--controlnet", str(controlnet_file)] if controlnet_file else []))
     try:
@@ -381,7 +371,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-@needs_editing
 def test_img2img_and_inpainting_through_webuiapi(server, pipeline):
     webuiapi = pytest.importorskip("webuiapi")
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
@@ -437,7 +426,6 @@ def test_controlnet_through_webuiapi(server, pipeline):
     assert np.array_equal(array(result.images[0]), array(want.image))
 
 
-@needs_editing
 def test_img2img_requests_with_different_pictures_share_a_batch(server, pipeline):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -481,7 +469,6 @@ if CONTROLNETS:
                      ["'control_v11p_sd15_canny' is not loaded"]))
 
 
-@needs_editing
 @pytest.mark.parametrize("change, status, words", BAD_HTTP, ids=[str(i) for i in range(len(BAD_HTTP))])
 def test_bad_img2img_requests_get_one_line_and_the_server_keeps_serving(server, change, status, words):
     got, _, data = server.request("POST", "/sdapi/v1/img2img", {**GOOD, **change})
@@ -491,7 +478,6 @@ def test_bad_img2img_requests_get_one_line_and_the_server_keeps_serving(server, 
     assert status == 200 and pixels(base64.b64decode(body["images"][0])).shape == (64, 64, 3)
 
 
-@needs_editing
 def test_a_server_without_a_controlnet_says_so(tmp_path):
     s = Server(tmp_path / "serve.log", "--threads", "1")
     try:
@@ -509,7 +495,6 @@ def test_a_server_without_a_controlnet_says_so(tmp_path):
         assert s.terminate() == 0, s.log()
 
 
-@needs_editing
 def test_the_page_sends_a_dropped_image_and_a_painted_mask(server, pipeline, tmp_path):
     """Headless Chromium: an init image through the file picker, then another dropped on the drop zone (96x64),
     a stroke painted on the mask canvas, Generate: the page posts A1111's img2img with the dropped picture and

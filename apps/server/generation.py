@@ -93,10 +93,6 @@ def settings_for(engine: Engine, spec: Spec) -> Settings:
 def edit_settings(engine: Engine, edit: Edit, settings: Settings) -> Settings:
     """``settings`` with the edit's fields, checked by ``Settings.validate``, on a source that can run them."""
     source = serving(engine)
-    job_fields = {f.name for f in fields(Job)}
-    if not {"init_image", "mask", "control_image"} <= job_fields:
-        raise ApiError(501, "this sun-edge library has no img2img, inpainting or ControlNet yet; upgrade sun-edge",
-                       kind="server_error")
     if not hasattr(source.pipeline, "prepare_edit"):  # serve --triton: the remote model takes text only
         raise ApiError(422, f"this server's {source.runtime.name} pipeline makes images from text only; serve the "
                             "bundle or model directly for img2img, inpainting and ControlNet", "init_images")
@@ -106,6 +102,8 @@ def edit_settings(engine: Engine, edit: Edit, settings: Settings) -> Settings:
     if edit.control and not source.runtime.has("controlnet"):
         raise ApiError(422, "this server loads no ControlNet (start it with sun-edge serve --controlnet FILE); drop "
                             "alwayson_scripts.controlnet", "alwayson_scripts")
+    if edit.control and "control_image" not in {f.name for f in fields(Job)}:
+        raise ApiError(501, "this sun-edge library has no ControlNet yet; upgrade sun-edge", kind="server_error")
     edited = edit.settings(settings)
     try:
         edited.validate()
