@@ -11,10 +11,13 @@ and that every component has an engine built with this TensorRT for this compute
 otherwise one line says ``run sun-edge build-engines --bundle DIR``. Engines are deserialized on
 first use; each gets its execution context and one device buffer per I/O tensor, allocated and
 bound (``set_tensor_address``) once. A call copies inputs host->device on the runtime's stream,
-runs ``execute_async_v3``, copies the output back and synchronizes. The SUN UNet's shapes are
-static, so with ``cuda_graphs`` its step is captured once as a CUDA graph after one warm-up
-call and replayed on every later step. CUDA comes from cuda-python (``tensorrt_rules.cuda_runtime``),
-not PyCUDA.
+runs ``execute_async_v3``, copies the output back and synchronizes. With ``cuda_graphs`` the UNets'
+steps (SUN, and the CFG baseline's) run as CUDA graphs, one per input shapes (a batch-range bundle:
+one per batch size): the first call at a set of shapes runs eagerly (TensorRT settles its shape
+work), the second captures a graph for exactly those shapes, and later calls at them replay it. A
+call at other shapes never replays a graph captured for different ones; it gets its own. The
+buffers are allocated once for the largest batch, so every graph reads and writes the same
+addresses. CUDA comes from cuda-python (``tensorrt_rules.cuda_runtime``), not PyCUDA.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ from typing import Any
 import numpy as np
 
 from sun_edge.bundle import Bundle, open_bundle
-from sun_edge.components import unet_in_channels
+from sun_edge.components import Geometry, unet_in_channels
 from sun_edge.errors import SunEdgeError
 from sun_edge.runtimes import check_input
 from sun_edge.runtimes import tensorrt_rules as rules
 from sun_edge.runtimes.base import GraphRuntime
 
 TARGETS = (rules.TARGET,)  # the bundle targets this runtime runs
-GRAPH_COMPONENTS = ("unet",)  # captured as CUDA graphs (static shapes, called once per step)
+GRAPH_COMPONENTS = ("unet", "unet_plain")  # captured as CUDA graphs, one per input shapes (called once per step)
 
 
 def _cuda(result: Any, what: str) -> Any:
@@ -43,15 +46,18 @@ def _cuda(result: Any, what: str) -> Any:
     return result[1] if len(result) == 2 else result[1:] or None
 
 
+Shapes = tuple[tuple[int, ...], ...]  # one call's input shapes, in manifest order
+
+
 class _Engine:
-    """One deserialized engine with its context, device buffers (allocated once) and optional CUDA graph."""
+    """One deserialized engine with its context, device buffers (allocated once, for the largest batch), and
+    its CUDA graphs: ``graphs[input shapes] = (graph, graph_exec)``, ``runs[input shapes]`` = calls made at them."""
 
     def __init__(self, engine: Any, context: Any, buffers: dict[str, int], bindings: tuple[rules.Binding, ...]) -> None:
         self.engine, self.context, self.buffers, self.bindings = engine, context, buffers, bindings
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.graph: Any = None
-        self.graph_exec: Any = None
-        self.runs = 0
+        self.graphs: dict[Shapes, tuple[Any, Any]] = {}
+        self.runs: dict[Shapes, int] = {}
 
 
 class TensorRTRuntime(GraphRuntime):
@@ -78,6 +84,7 @@ class TensorRTRuntime(GraphRuntime):
         self._stream = _cuda(self._cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._engines: dict[str, _Engine] = {}
         self._trt_runtime: Any = None
+        self.geometry = Geometry.from_manifest(manifest)  # every shape the base class computes (ControlNet residuals)
         self.latent_channels = int(manifest.latent["channels"])
         self.unet_in_channels = unet_in_channels(manifest.latent)  # 9: an inpainting UNet
         self.vae_scale_factor = int(manifest.image["height"]) // int(manifest.latent["height"])
@@ -138,13 +145,14 @@ class TensorRTRuntime(GraphRuntime):
                 state.shapes[spec.name] = array.shape
             _cuda(cudart.cudaMemcpyAsync(state.buffers[spec.name], array.ctypes.data, array.nbytes,
                                          cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream), "cudaMemcpyAsync")
-        if static and self.cuda_graphs and component in GRAPH_COMPONENTS and state.runs >= 1:
-            if state.graph_exec is None:
-                self._capture(state)
-            _cuda(cudart.cudaGraphLaunch(state.graph_exec, self._stream), "cudaGraphLaunch")
+        key = tuple(array.shape for array in checked)
+        if self.cuda_graphs and component in GRAPH_COMPONENTS and state.runs.get(key, 0) >= 1:
+            if key not in state.graphs:
+                state.graphs[key] = self._capture(state)
+            _cuda(cudart.cudaGraphLaunch(state.graphs[key][1], self._stream), "cudaGraphLaunch")
         elif not state.context.execute_async_v3(int(self._stream)):
             raise SunEdgeError(f"TensorRT failed running {self._records[component].file}")
-        state.runs += 1
+        state.runs[key] = state.runs.get(key, 0) + 1
         batch = checked[0].shape[0]
         outs = []
         for spec in comp.outputs:
@@ -155,24 +163,32 @@ class TensorRTRuntime(GraphRuntime):
         _cuda(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         return tuple(outs)
 
-    def _capture(self, state: _Engine) -> None:
-        """Record one ``execute_async_v3`` on the stream as a CUDA graph (after the warm-up call)."""
+    def graph_shapes(self, component: str) -> list[Shapes]:
+        """The input shapes ``component`` has a captured CUDA graph for, in capture order (none before use)."""
+        state = self._engines.get(component)
+        return list(state.graphs) if state is not None else []
+
+    def _capture(self, state: _Engine) -> tuple[Any, Any]:
+        """Record one ``execute_async_v3`` at the context's current input shapes as a CUDA graph (after a warm-up
+        call at them); returns (graph, instantiated graph)."""
         cudart = self._cudart
         _cuda(cudart.cudaStreamBeginCapture(self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
               "cudaStreamBeginCapture")
         ok = state.context.execute_async_v3(int(self._stream))
-        state.graph = _cuda(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+        graph = _cuda(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
         if not ok:
+            cudart.cudaGraphDestroy(graph)
             raise SunEdgeError("TensorRT failed while capturing the UNet step as a CUDA graph; rerun with CUDA graphs off")
-        state.graph_exec = _cuda(cudart.cudaGraphInstantiate(state.graph, 0), "cudaGraphInstantiate")
+        return graph, _cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
 
     def close(self) -> None:
         """Free the device buffers, CUDA graphs and the stream (the runtime is unusable afterwards)."""
         cudart = self._cudart
         for state in self._engines.values():
-            if state.graph_exec is not None:
-                cudart.cudaGraphExecDestroy(state.graph_exec)
-                cudart.cudaGraphDestroy(state.graph)
+            for graph, graph_exec in state.graphs.values():
+                cudart.cudaGraphExecDestroy(graph_exec)
+                cudart.cudaGraphDestroy(graph)
+            state.graphs.clear()
             for pointer in state.buffers.values():
                 cudart.cudaFree(pointer)
         self._engines.clear()

@@ -142,6 +142,75 @@ def test_runtime_checks_inputs_and_runs_the_baseline_batch(trt_bundle, monkeypat
     assert runtime.encode_text(ids).shape == (1, 77, 32)
 
 
+@pytest.fixture()
+def trt_batch_bundle(onnx_fp16_bundle, tmp_path) -> Path:
+    """The tiny fp16 bundle declared with a batch range 1..3 (free batch dimensions, as ``export --max-batch 3``
+    records them; the fake TensorRT reads only the graphs' tensor names), as a TensorRT bundle."""
+    from dataclasses import replace
+
+    from sun_edge.components import COMPONENTS, FREE, Geometry
+
+    bundle = tmp_path / "batch"
+    shutil.copytree(onnx_fp16_bundle, bundle)
+    m = open_bundle(bundle).manifest
+    geometry = replace(Geometry.from_manifest(m), batch=FREE)
+    components = {}
+    for name, comp in m.components.items():
+        ins, outs = COMPONENTS[name].io(geometry)
+        components[name] = replace(comp, inputs=tuple(replace(s, shape=w.shape) for s, w in zip(comp.inputs, ins)),
+                                   outputs=tuple(replace(s, shape=w.shape) for s, w in zip(comp.outputs, outs)))
+    trt_target.replace_manifest(bundle, replace(m, components=components, batch={"min": 1, "max": 3}))
+    trt_target.mark_tensorrt(bundle)
+    return bundle
+
+
+def test_one_cuda_graph_per_batch_size(trt_batch_bundle, monkeypatch):
+    """Each batch size runs eagerly once, is captured on its second call and replayed after; a call never replays
+    a graph captured at other shapes (the fake graph computes at its capture's shapes: a wrong one shows)."""
+    from sun_edge.runtimes.tensorrt import TensorRTRuntime
+
+    trt, cudart = trt_fakes.install(monkeypatch)
+    trt_target.build_engines(trt_batch_bundle, progress=False)
+    runtime = TensorRTRuntime.open(trt_batch_bundle)
+    assert runtime.max_batch == 3
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 77, 32)).astype(np.float32)
+    batches = [1, 1, 2, 1, 2, 2, 3, 1, 3, 3]
+    for batch in batches:  # fresh inputs each call: a stale or mis-shaped replay leaves a wrong output
+        latents = rng.standard_normal((batch, 4, 8, 8)).astype(np.float32)
+        eps = runtime.unet(latents, 999, np.repeat(emb, batch, 0), np.repeat(emb, batch, 0))
+        np.testing.assert_array_equal(eps, 2 * latents)
+    shapes = {b: ((b, 4, 8, 8), (1,), (b, 77, 32), (b, 77, 32)) for b in (1, 2, 3)}
+    assert runtime.graph_shapes("unet") == [shapes[1], shapes[2], shapes[3]]  # captured in the order first reused
+    assert len(cudart.graphs) == 3 and [g.instantiated for g in cudart.graphs] == [1, 1, 1]
+    assert [g.shapes[0]["sample"] for g in cudart.graphs] == [(1, 4, 8, 8), (2, 4, 8, 8), (3, 4, 8, 8)]
+    launched = [cudart.graphs.index(e.graph) + 1 for e in cudart.launched]  # the batch each launch's graph was for
+    assert launched == [1, 1, 2, 2, 1, 3, 3]  # every call after the first at its batch size, at that batch size
+    assert trt.calls["execute_async_v3"] == 3 + 3  # one eager call per batch size, one per capture
+    plain = [2, 2, 4, 4]  # the CFG pair of 1, then of 2
+    for batch in plain:
+        x = rng.standard_normal((batch, 4, 8, 8)).astype(np.float32)
+        np.testing.assert_array_equal(runtime.unet_plain(x, 999, np.repeat(emb, batch, 0)), 2 * x)
+    assert [s[0] for s in runtime.graph_shapes("unet_plain")] == [(2, 4, 8, 8), (4, 4, 8, 8)]
+    runtime.close()
+    assert cudart.calls["cudaGraphExecDestroy"] == cudart.calls["cudaGraphDestroy"] == 5
+    assert all(g.destroyed for g in cudart.graphs)
+
+
+def test_without_cuda_graphs_every_batch_runs_eagerly(trt_batch_bundle, monkeypatch):
+    from sun_edge.runtimes.tensorrt import TensorRTRuntime
+
+    trt, cudart = trt_fakes.install(monkeypatch)
+    trt_target.build_engines(trt_batch_bundle, progress=False)
+    runtime = TensorRTRuntime.open(trt_batch_bundle, cuda_graphs=False)
+    emb = np.zeros((1, 77, 32), np.float32)
+    for batch in (1, 2, 2, 1):
+        latents = np.full((batch, 4, 8, 8), batch, np.float32)
+        np.testing.assert_array_equal(runtime.unet(latents, 999, np.repeat(emb, batch, 0), np.repeat(emb, batch, 0)),
+                                      2 * latents)
+    assert trt.calls["execute_async_v3"] == 4 and cudart.graphs == [] and runtime.graph_shapes("unet") == []
+
+
 @pytest.mark.skipif(not HAVE_TENSORRT, reason="needs TensorRT and an NVIDIA GPU")
 def test_real_engines_match_onnxruntime(trt_bundle):  # pragma: no cover - runs on the GPU box
     import onnxruntime as ort

@@ -1,8 +1,12 @@
 """Fake ``tensorrt`` and cuda-python runtime modules that record calls (no GPU, no TensorRT).
 
 The fake builder writes an "engine" that is JSON naming the graph's I/O tensors; the fake
-engine's execution writes ``2 * first input`` into the output buffer, so a test can check that
-inputs reach the device, the engine runs on them and the output comes back.
+engine's execution writes ``2 * first input`` into the output buffer (as many elements as the
+first input's shape set on the context holds; the whole buffer for a static engine), so a test
+can check that inputs reach the device, the engine runs on them and the output comes back.
+A capture records the executions made while capturing, with the context's input shapes then, into
+its own ``FakeGraph``; a launch replays that graph's executions at *their* shapes and is logged in
+``cudart.launched``, so replaying a graph captured for another batch shows up as a wrong output.
 """
 
 from __future__ import annotations
@@ -17,6 +21,18 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+
+class FakeGraph:
+    """A captured stream: the executions recorded (each at the shapes set when it was captured)."""
+
+    def __init__(self, runs: list[Any], shapes: list[dict[str, tuple]]) -> None:
+        self.runs, self.shapes, self.instantiated, self.destroyed = runs, shapes, 0, False
+
+
+class FakeGraphExec:
+    def __init__(self, graph: FakeGraph) -> None:
+        self.graph, self.destroyed = graph, False
 
 
 class FakeCudart:
@@ -34,7 +50,10 @@ class FakeCudart:
         self.calls: Counter[str] = Counter()
         self.memory: dict[int, bytearray] = {}
         self.capturing = False
-        self.captured: list[Any] = []
+        self.captured: list[Any] = []  # executions recorded by the capture in progress
+        self.captured_shapes: list[dict[str, tuple]] = []
+        self.graphs: list[FakeGraph] = []  # every graph captured, in order
+        self.launched: list[FakeGraphExec] = []  # every launch, in order
 
     def _call(self, name: str) -> None:
         self.calls[name] += 1
@@ -72,21 +91,27 @@ class FakeCudart:
 
     def cudaStreamBeginCapture(self, stream: int, mode: int) -> tuple[int]:
         self._call("cudaStreamBeginCapture")
-        self.capturing = True
+        assert not self.capturing, "capture begun inside a capture"
+        self.capturing, self.captured, self.captured_shapes = True, [], []
         return (0,)
 
-    def cudaStreamEndCapture(self, stream: int) -> tuple[int, str]:
+    def cudaStreamEndCapture(self, stream: int) -> tuple[int, FakeGraph]:
         self._call("cudaStreamEndCapture")
         self.capturing = False
-        return 0, "graph"
+        graph = FakeGraph(self.captured, self.captured_shapes)
+        self.graphs.append(graph)
+        return 0, graph
 
-    def cudaGraphInstantiate(self, graph: str, flags: int) -> tuple[int, str]:
+    def cudaGraphInstantiate(self, graph: FakeGraph, flags: int) -> tuple[int, FakeGraphExec]:
         self._call("cudaGraphInstantiate")
-        return 0, "graph_exec"
+        graph.instantiated += 1
+        return 0, FakeGraphExec(graph)
 
-    def cudaGraphLaunch(self, graph_exec: str, stream: int) -> tuple[int]:
+    def cudaGraphLaunch(self, graph_exec: FakeGraphExec, stream: int) -> tuple[int]:
         self._call("cudaGraphLaunch")
-        for run in self.captured:
+        assert not graph_exec.destroyed, "launched a destroyed graph"
+        self.launched.append(graph_exec)
+        for run in graph_exec.graph.runs:
             run()
         return (0,)
 
@@ -94,10 +119,14 @@ class FakeCudart:
         self._call("cudaFree")
         return (0,)
 
-    def cudaGraphExecDestroy(self, graph_exec: str) -> tuple[int]:
+    def cudaGraphExecDestroy(self, graph_exec: FakeGraphExec) -> tuple[int]:
+        self._call("cudaGraphExecDestroy")
+        graph_exec.destroyed = True
         return (0,)
 
-    def cudaGraphDestroy(self, graph: str) -> tuple[int]:
+    def cudaGraphDestroy(self, graph: FakeGraph) -> tuple[int]:
+        self._call("cudaGraphDestroy")
+        graph.destroyed = True
         return (0,)
 
     def cudaStreamDestroy(self, stream: int) -> tuple[int]:
@@ -183,7 +212,7 @@ def fake_tensorrt(version: str, cudart: FakeCudart) -> types.ModuleType:
 
     class Context:
         def __init__(self, engine: Engine) -> None:
-            self.engine, self.addresses = engine, {}
+            self.engine, self.addresses, self.shapes = engine, {}, {}
 
         def set_tensor_address(self, name: str, pointer: int) -> None:
             trt.calls["set_tensor_address"] += 1
@@ -191,20 +220,24 @@ def fake_tensorrt(version: str, cudart: FakeCudart) -> types.ModuleType:
 
         def set_input_shape(self, name: str, shape: tuple) -> bool:
             trt.calls["set_input_shape"] += 1
+            self.shapes[name] = tuple(shape)
             return True
 
-        def _compute(self) -> None:
+        def _compute(self, shapes: dict[str, tuple]) -> None:
             first, out = self.engine.io["inputs"][0], self.engine.io["outputs"][0]
             src, dst = cudart.memory[self.addresses[first]], cudart.memory[self.addresses[out]]
             values = np.frombuffer(bytes(src), dtype=np.float32) if len(src) % 4 == 0 else np.zeros(1, np.float32)
-            dst[:] = (2 * np.resize(values, len(dst) // 4)).astype(np.float32).tobytes()
+            n = int(np.prod(shapes[first])) if first in shapes else len(dst) // 4  # elements at the set shape
+            dst[:4 * n] = (2 * np.resize(values, n)).astype(np.float32).tobytes()
 
         def execute_async_v3(self, stream: int) -> bool:
             trt.calls["execute_async_v3"] += 1
+            shapes = dict(self.shapes)
             if cudart.capturing:
-                cudart.captured.append(self._compute)
+                cudart.captured.append(lambda: self._compute(shapes))
+                cudart.captured_shapes.append(shapes)
             else:
-                self._compute()
+                self._compute(shapes)
             return True
 
     class Engine:
