@@ -14,7 +14,10 @@ line in each target's ``plan``: ``recipe.py``):
 - ``VAEDecoderGraph``: sampler latents -> image in [-1, 1] (``1/scaling_factor`` and the clamp
   inside the graph);
 - ``VAEEncoderGraph``: image in [-1, 1] -> scaled posterior mean and std (img2img samples from them);
-- ``TinyDecoderGraph``: sampler latents -> image in [-1, 1] through TAESD (``sun_edge.taesd``).
+- ``TinyDecoderGraph``: sampler latents -> image in [-1, 1] through TAESD (``sun_edge.taesd``);
+- ``ControlNetGraph``: latents, timestep, both prompts, condition, scale -> the ControlNet's residuals,
+  which a bundle exported with a ControlNet feeds to its UNet graphs' extra inputs (``*residuals``:
+  ``down_block_res_0..N-1``, ``mid_block_res``; Apple's ``ControlledUnet``).
 
 Half precision (``half_precision``) follows one rule, written where the computation is, so
 that every exporter (ONNX, and through it TensorRT's strongly typed mode) sees explicit casts:
@@ -62,9 +65,10 @@ class SUNUNetGraph(nn.Module):
         self.sun_unet, self.dtype = sun_unet, dtype
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                negative_encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+                negative_encoder_hidden_states: torch.Tensor, *residuals: torch.Tensor) -> torch.Tensor:
         d = self.dtype  # the timestep stays float32: diffusers casts its embedding after the sinusoids
-        eps = self.sun_unet(sample.to(d), timestep, encoder_hidden_states.to(d), negative_encoder_hidden_states.to(d))
+        eps = self.sun_unet(sample.to(d), timestep, encoder_hidden_states.to(d), negative_encoder_hidden_states.to(d),
+                            tuple(r.to(d) for r in residuals) if residuals else None)  # ControlledUnet: residuals
         return eps.float()  # [B, 4, h, w]
 
 
@@ -75,9 +79,29 @@ class PlainUNetGraph(nn.Module):
         super().__init__()
         self.sun_unet, self.dtype = sun_unet, dtype
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *residuals: torch.Tensor) -> torch.Tensor:
         d = self.dtype
-        return self.sun_unet.plain(sample.to(d), timestep, encoder_hidden_states.to(d)).float()  # [B, 4, h, w]
+        control = tuple(r.to(d) for r in residuals) if residuals else None
+        return self.sun_unet.plain(sample.to(d), timestep, encoder_hidden_states.to(d), control).float()  # [B, 4, h, w]
+
+
+class ControlNetGraph(nn.Module):
+    """The ControlNet (``sun_edge.controlnet.control_residuals``): residuals (down..., mid) in float32."""
+
+    def __init__(self, controlnet: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.controlnet, self.dtype = controlnet, dtype
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                negative_encoder_hidden_states: torch.Tensor, controlnet_cond: torch.Tensor,
+                conditioning_scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from sun_edge.controlnet import control_residuals
+
+        d = self.dtype
+        out = control_residuals(self.controlnet, sample.to(d), timestep, encoder_hidden_states.to(d),
+                                negative_encoder_hidden_states.to(d), controlnet_cond.to(d), conditioning_scale)
+        return tuple(r.float() for r in out)  # [B, C_i, h_i, w_i] each
 
 
 class VAEDecoderGraph(nn.Module):

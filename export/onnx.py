@@ -62,7 +62,7 @@ def plan(reference: TorchRuntime, options: ExportOptions) -> list[Plan]:
     def fp(module: nn.Module) -> nn.Module:
         return modules.half_precision(module) if half else module
 
-    sun, tiny = reference.sun_unet, reference.tiny_decoder
+    sun, tiny, control = reference.sun_unet, reference.tiny_decoder, reference.controlnet_module
     builds: dict[str, Callable[[], nn.Module]] = {
         "text_encoder": lambda: modules.TextEncoderGraph(fp(reference.text_encoder)),
         "unet": lambda: modules.SUNUNetGraph(fp(sun), dtype),
@@ -70,6 +70,7 @@ def plan(reference: TorchRuntime, options: ExportOptions) -> list[Plan]:
         "vae_decoder": lambda: modules.VAEDecoderGraph(reference.vae, torch.float32),
         "vae_encoder": lambda: modules.VAEEncoderGraph(reference.vae, torch.float32),
         **({"vae_decoder_tiny": lambda: modules.TinyDecoderGraph(fp(tiny), dtype)} if tiny is not None else {}),
+        **({"controlnet": lambda: modules.ControlNetGraph(fp(control), dtype)} if control is not None else {}),
     }
     return recipe.plan_components(reference, options, builds, file=lambda name: f"{name}.onnx")
 
@@ -98,8 +99,10 @@ def trace(graph: Plan, opset: int = graphs.OPSET, max_batch: int = 1) -> Any:
     args = example_inputs(graph.inputs)
     dynamic = None
     if any(graphs.DYNAMIC in s.shape for s in graph.inputs):
-        batch = torch.export.Dim("batch", min=1, max=(2 if graph.name == "unet_plain" else 1) * max_batch)
-        dynamic = {s.name: ({0: batch} if s.shape[0] == graphs.DYNAMIC else None) for s in graph.inputs}
+        pair = graph.name in ("unet_plain", "controlnet")  # the CFG pair: 2 per image
+        batch = torch.export.Dim("batch", min=1, max=(2 if pair else 1) * max_batch)
+        dims = [{0: batch} if s.shape[0] == graphs.DYNAMIC else None for s in graph.inputs]
+        dynamic = _as_signature(module, dims)
     with _quiet_exporter(), modules.fp32_softmax_attention(graph.precision == "fp16"), torch.no_grad():
         try:
             program = torch.onnx.export(module, args, input_names=[s.name for s in graph.inputs],
@@ -113,6 +116,18 @@ def trace(graph: Plan, opset: int = graphs.OPSET, max_batch: int = 1) -> Any:
     model.producer_name, model.producer_version = "sun-edge", __version__
     model.metadata_props.update({"sun_edge.component": graph.name, "sun_edge.precision": graph.precision})
     return model
+
+
+def _as_signature(module: nn.Module, per_input: list[Any]) -> tuple[Any, ...]:
+    """Per-input dynamic shapes in the structure of ``module.forward``'s arguments: the UNet graphs take the
+    ControlNet residuals as ``*residuals``, which torch.export sees as one tuple argument."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters.values()
+    fixed = sum(p.kind is not inspect.Parameter.VAR_POSITIONAL for p in params)
+    rest = per_input[fixed:]
+    return (*per_input[:fixed], tuple(rest)) if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params) \
+        else tuple(per_input)
 
 
 def convert(graph: Plan, directory: Path, *, external_data_bytes: int = graphs.EXTERNAL_DATA_BYTES,

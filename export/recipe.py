@@ -96,7 +96,27 @@ def geometry(reference: TorchRuntime, options: ExportOptions) -> Geometry:
     return Geometry(height=options.height, width=options.width, latent_channels=reference.latent_channels,
                     vae_scale_factor=reference.vae_scale_factor, text_tokens=reference.text_tokens,
                     text_dim=reference.text_dim, batch=FREE if options.max_batch > 1 else 1,
-                    unet_in_channels=reference.unet_in_channels)
+                    unet_in_channels=reference.unet_in_channels, control=control_layout_of(reference))
+
+
+def control_layout_of(reference: TorchRuntime) -> tuple[tuple[int, int], ...]:
+    """The ControlNet residuals' (channels, downscale) of ``reference``'s UNet, when it has a ControlNet (else ())."""
+    if getattr(reference, "controlnet_module", None) is None:
+        return ()
+    from sun_edge.controlnet import residual_layout
+
+    return residual_layout(dict(reference.unet_module.config))
+
+
+def controlnet_entry(reference: TorchRuntime) -> dict[str, Any] | None:
+    """The manifest's ``controlnet``: name, path, sha256 of its weights, parameter count, residual layout (or None)."""
+    control = getattr(reference, "controlnet_module", None)
+    if control is None:
+        return None
+    info = reference.info
+    return {"name": info.get("controlnet"), "path": info.get("controlnet_path"), "sha256": info.get("controlnet_sha256"),
+            "parameters": sum(p.numel() for p in control.parameters()),
+            "residuals": [list(pair) for pair in control_layout_of(reference)]}
 
 
 def _with_dtypes(specs: tuple[TensorSpec, ...], dtypes: Mapping[str, str], where: str) -> tuple[TensorSpec, ...]:
@@ -218,6 +238,7 @@ def common_manifest_fields(reference: TorchRuntime, options: ExportOptions, *, m
         "tokenizer": tokenizer, "sun_edge_version": __version__,
         "vae_decoder_tiny": tiny_decoder_entry(reference),
         "batch": {"min": 1, "max": options.max_batch},
+        "controlnet": controlnet_entry(reference),
     }
 
 

@@ -96,6 +96,8 @@ class BundleRuntime:
         if m.adapter:
             info.update(adapter=m.adapter.get("name"), adapter_sha256=m.adapter.get("sha256"),
                         adapter_parameters=m.adapter.get("parameters"))
+        if m.controlnet:
+            info.update(controlnet=m.controlnet.get("name"), controlnet_sha256=m.controlnet.get("sha256"))
         return info
 
 
@@ -147,9 +149,33 @@ class GraphRuntime(BundleRuntime):
         """Token ids [1,77] int64 -> last hidden state [1,77,D] float32."""
         return self.run("text_encoder", ids)
 
-    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-        """One SUN forward (adapter fused): eps [1,4,h,w]."""
-        return self.run("unet", latents, self._timestep(t), pos, neg)
+    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray,
+             residuals: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+        """One SUN forward (adapter fused): eps [1,4,h,w]; ControlNet residuals when given (``_residuals``)."""
+        return self.run("unet", latents, self._timestep(t), pos, neg, *self._residuals("unet", latents, residuals))
+
+    def _residuals(self, component: str, latents: np.ndarray,
+                   residuals: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, ...]:
+        """What a UNet graph takes after its text inputs: nothing (no ControlNet in the bundle), the residuals
+        given, or zeros (a ControlNet bundle generating without a condition: adding zero changes nothing)."""
+        specs = self.geometry.residuals(int(np.shape(latents)[0]))
+        if residuals is None:
+            return tuple(np.zeros(s.shape, np.float32) for s in specs)
+        if not specs:
+            raise SunEdgeError(f"bundle {self.bundle.path} was exported without a ControlNet, so its {component} takes no "
+                               "residuals; re-export it with --controlnet FILE")
+        if len(residuals) != len(specs):
+            raise SunEdgeError(f"{len(residuals)} ControlNet residual(s) given; this bundle's {component} takes "
+                               f"{len(specs)}")
+        return tuple(residuals)
+
+    def controlnet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray,
+                   cond: np.ndarray, scale: np.ndarray | float) -> tuple[np.ndarray, ...]:
+        """The ControlNet graph: residuals (down..., mid) for latents, both prompts, condition [B,3,H,W], scale [1]."""
+        if not self.has("controlnet"):
+            raise SunEdgeError(f"bundle {self.bundle.path} has no ControlNet; export it with --controlnet FILE")
+        return self.run_outputs("controlnet", latents, self._timestep(t), pos, neg, cond,
+                                np.asarray(scale, np.float32).reshape(-1)[:1])
 
     def require_baseline(self) -> None:
         """Raise unless the bundle has the UNet without the adapter (exported with ``--with-baseline``)."""
@@ -157,13 +183,14 @@ class GraphRuntime(BundleRuntime):
             raise SunEdgeError(f"bundle {self.bundle.path} has no UNet without the adapter, which CFG mode needs",
                                fix="export_baseline")
 
-    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
+    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray,
+                   residuals: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
         """The UNet without the adapter, batch 1 or 2 (the CFG baseline): eps [B,4,h,w]."""
         self.require_baseline()
         batch = check_input("unet_plain input sample", latents, (None, self.unet_in_channels, None, None),
                             np.float32).shape[0]
         check_input("unet_plain input encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
-        return self.run("unet_plain", latents, self._timestep(t), emb)
+        return self.run("unet_plain", latents, self._timestep(t), emb, *self._residuals("unet_plain", latents, residuals))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Sampler latents [1,4,h,w] -> image [1,3,8h,8w] in [-1, 1], with the chosen decoder (``decoder``)."""

@@ -52,10 +52,12 @@ class TorchRuntime:
     name: str = "pytorch"
     tiny_decoder: nn.Module | None = None  # TAESD (sun_edge.taesd.TinyDecoder): ``decode`` uses it when set
     optimize: Optimize = "none"  # UNet calls: eager, CUDA graphs and/or torch.compile (runtimes/torch_speed.py)
+    controlnet_module: nn.Module | None = None  # diffusers ControlNetModel (sun_edge.controlnet): ``controlnet`` uses it
 
     def __post_init__(self) -> None:
         self.sun_unet = SUNUNet(self.unet_module, self.adapter) if self.adapter is not None else None
-        for module in (self.unet_module, self.text_encoder, self.vae, self.adapter, self.tiny_decoder):
+        for module in (self.unet_module, self.text_encoder, self.vae, self.adapter, self.tiny_decoder,
+                       self.controlnet_module):
             if module is not None:
                 if next(module.parameters()).dtype != self.dtype:
                     module.to(dtype=self.dtype)
@@ -80,12 +82,14 @@ class TorchRuntime:
     @classmethod
     def load(cls, model: str, adapter: str | Path | None = None, *, loras: tuple[tuple[Path, float], ...] = (),
              allow_pickle: bool = False, device: str = "cpu", precision: Precision = "fp32",
-             vae_decoder: str | None = None, optimize: Optimize = "none") -> "TorchRuntime":
+             vae_decoder: str | None = None, optimize: Optimize = "none",
+             controlnet: str | Path | None = None) -> "TorchRuntime":
         """Load a model (registry name or path) and an adapter file (default: one shipped beside the model).
 
         ``vae_decoder``: ``"full"`` (or None) decodes with the model's VAE; ``"tiny:PATH"`` with a TAESD
         decoder (``sun_edge.taesd``), the full VAE staying available as ``decode_full``. ``optimize``:
         how UNet calls run (``sun_edge.runtimes.torch_speed``), checked before anything loads.
+        ``controlnet``: a ControlNet file or diffusers folder (``sun_edge.controlnet``), checked against the UNet.
         """
         check_optimize(optimize, device)
         check_device(device)
@@ -107,8 +111,15 @@ class TorchRuntime:
             info["loras"] = [f"{Path(p).name}:{s:g}" for p, s in loras]
         if tiny_path is not None:
             info["vae_decoder"] = f"tiny:{tiny_path.name}"
+        control = None
+        if controlnet is not None:
+            from sun_edge.controlnet import load_controlnet
+
+            control = load_controlnet(controlnet, dict(loaded.unet.config), allow_pickle=allow_pickle)
+            info.update(controlnet=Path(controlnet).name, controlnet_sha256=sha256_file(Path(control.weights_file)),
+                        controlnet_path=str(controlnet))
         return cls(loaded.unet, loaded.text_encoder, loaded.vae, sun_adapter, device, DTYPES[precision], info,
-                   tiny_decoder=tiny, optimize=optimize)
+                   tiny_decoder=tiny, optimize=optimize, controlnet_module=control)
 
     max_batch = 1 << 16  # any batch: memory is the limit
 
@@ -118,6 +129,8 @@ class TorchRuntime:
             return self.sun_unet is not None
         if component == "vae_decoder_tiny":
             return self.tiny_decoder is not None
+        if component == "controlnet":
+            return self.controlnet_module is not None
         return component in ("text_encoder", "unet_plain", "vae_decoder", "vae_encoder")
 
     def release(self, component: str) -> None:
@@ -140,25 +153,70 @@ class TorchRuntime:
         return self.text_encoder(ids_t, return_dict=False)[0].float().cpu().numpy()  # [B, 77, D]
 
     @torch.no_grad()
-    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-        """One SUN forward: eps [B,4,h,w] from latents, timestep and both text embeddings."""
+    def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray,
+             residuals: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+        """One SUN forward: eps [B,4,h,w] from latents, timestep and both text embeddings (plus ControlNet
+        residuals when given: eager, whatever ``optimize`` says)."""
         if self.sun_unet is None:
             raise SunEdgeError("this runtime has no SUN adapter", fix="adapter_or_cfg")
         batch = self._latents("sample", latents, self.unet_in_channels).shape[0]
         check_input("encoder_hidden_states", pos, (batch, self.text_tokens, self.text_dim), np.float32)
         check_input("negative_encoder_hidden_states", neg, (batch, self.text_tokens, self.text_dim), np.float32)
-        eps = self._sun_call(self._tensor(latents), self._timestep(t), self._tensor(pos), self._tensor(neg))
-        return eps.float().cpu().numpy()
+        args = (self._tensor(latents), self._timestep(t), self._tensor(pos), self._tensor(neg))
+        if residuals is not None:
+            return self.sun_unet(*args, self._residuals(latents, residuals)).float().cpu().numpy()
+        return self._sun_call(*args).float().cpu().numpy()
 
     @torch.no_grad()
-    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
-        """The UNet without the adapter (batched CFG baseline): eps [B,4,h,w]."""
+    def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray,
+                   residuals: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+        """The UNet without the adapter (batched CFG baseline): eps [B,4,h,w] (ControlNet residuals as ``unet``'s)."""
         batch = self._latents("sample", latents, self.unet_in_channels).shape[0]
         check_input("encoder_hidden_states", emb, (batch, self.text_tokens, self.text_dim), np.float32)
-        return self._plain_call(self._tensor(latents), self._timestep(t), self._tensor(emb)).float().cpu().numpy()
+        args = (self._tensor(latents), self._timestep(t), self._tensor(emb))
+        if residuals is not None:
+            plain = self.sun_unet.plain if self.sun_unet is not None else self._plain
+            return plain(*args, self._residuals(latents, residuals)).float().cpu().numpy()
+        return self._plain_call(*args).float().cpu().numpy()
 
-    def _plain(self, sample: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.unet_module(sample, t, emb, return_dict=False)[0]
+    def _plain(self, sample: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
+               residuals: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        from sun_edge.unet import _control
+
+        return self.unet_module(sample, t, emb, return_dict=False, **_control(residuals))[0]
+
+    def _residuals(self, latents: np.ndarray, residuals: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
+        """Checked ControlNet residuals for ``latents`` [B,4,h,w]: (down..., mid), shapes from the UNet's config."""
+        from sun_edge.components import Geometry
+        from sun_edge.controlnet import residual_layout
+
+        b, _, h, w = latents.shape
+        g = Geometry(height=h * self.vae_scale_factor, width=w * self.vae_scale_factor,
+                     vae_scale_factor=self.vae_scale_factor, control=residual_layout(dict(self.unet_module.config)))
+        specs = g.residuals(b)
+        if len(residuals) != len(specs):
+            raise SunEdgeError(f"{len(residuals)} ControlNet residual(s) given; this UNet takes {len(specs)} "
+                               f"({len(specs) - 1} down-block and one mid-block)")
+        return tuple(self._tensor(check_input(s.name, r, s.shape, np.float32)) for s, r in zip(specs, residuals))
+
+    @torch.no_grad()
+    def controlnet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray,
+                   cond: np.ndarray, scale: np.ndarray | float) -> tuple[np.ndarray, ...]:
+        """The ControlNet's residuals (down..., mid) for latents [B,4,h,w], both prompts [B,77,D] (attended as
+        ``[pos; neg]``, ``sun_edge.controlnet.control_residuals``), condition [B,3,H,W] in [0, 1], scale [1]."""
+        from sun_edge.controlnet import control_residuals
+
+        if self.controlnet_module is None:
+            raise SunEdgeError("this runtime has no ControlNet; load one with --controlnet FILE")
+        batch, _, h, w = self._latents("sample", latents).shape
+        for name, emb in (("encoder_hidden_states", pos), ("negative_encoder_hidden_states", neg)):
+            check_input(name, emb, (batch, self.text_tokens, self.text_dim), np.float32)
+        check_input("controlnet_cond", cond, (batch, 3, h * self.vae_scale_factor, w * self.vae_scale_factor),
+                    np.float32)
+        scale_t = torch.as_tensor(np.asarray(scale, dtype=np.float32).reshape(-1)[:1], device=self.device)  # [1]
+        out = control_residuals(self.controlnet_module, self._tensor(latents), self._timestep(t), self._tensor(pos),
+                                self._tensor(neg), self._tensor(cond), scale_t)
+        return tuple(r.float().cpu().numpy() for r in out)
 
     @property
     def native_size(self) -> int:

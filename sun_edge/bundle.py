@@ -82,6 +82,7 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)  # target-specific (e.g. TensorRT engines)
     vae_decoder_tiny: dict[str, Any] | None = None  # TAESD source of the vae_decoder_tiny graph: name, path, sha256, parameters
     batch: dict[str, int] = field(default_factory=lambda: {"min": 1, "max": 1})  # images per SUN UNet call
+    controlnet: dict[str, Any] | None = None  # the ControlNet graph's source: name, path, sha256, parameters, residuals
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -99,7 +100,7 @@ class Manifest:
         if not (isinstance(version, int) and not isinstance(version, bool) and version == FORMAT_VERSION):
             raise SunEdgeError(f"{where}: bundle format version {version!r} is not supported "
                                f"(this sun-edge reads version {FORMAT_VERSION}); re-export the bundle")
-        optional = ("parity", "extra", "format", "format_version", "adapter", "vae_decoder_tiny", "batch")
+        optional = ("parity", "extra", "format", "format_version", "adapter", "vae_decoder_tiny", "batch", "controlnet")
         required = {f for f in cls.__dataclass_fields__ if f not in optional}
         missing = sorted(required - data.keys())
         if missing:

@@ -189,7 +189,7 @@ def _check_sources(c: _Check, data: Mapping[str, Any]) -> None:
         c.number(f"model.loras[{i}].scale", entry["scale"])
         c.optional(f"model.loras[{i}].path", entry.get("path"), str)
         c.sha256(f"model.loras[{i}].sha256", entry.get("sha256"), optional=True)
-    for field in ("adapter", "vae_decoder_tiny"):
+    for field in ("adapter", "vae_decoder_tiny", "controlnet"):
         entry = data.get(field)
         if entry is None:
             continue
@@ -200,6 +200,12 @@ def _check_sources(c: _Check, data: Mapping[str, Any]) -> None:
         c.optional(f"{field}.parameters", entry.get("parameters"), int)
         if field == "adapter":
             c.optional("adapter.extra_positive", entry.get("extra_positive"), bool)
+        if field == "controlnet":  # the residuals' (channels, downscale): the UNet graphs' extra inputs
+            pairs = entry.get("residuals")
+            if not (isinstance(pairs, list) and len(pairs) >= 2 and all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                and 1 <= x <= MAX_DIM for x in p) for p in pairs)):
+                raise c.fail("controlnet.residuals", f"must list [channels, downscale] pairs, found {_show(pairs)}")
 
 
 def _check_component(c: _Check, field: str, value: Any) -> None:
@@ -240,7 +246,7 @@ def _check_component(c: _Check, field: str, value: Any) -> None:
 
 def _check_geometry(c: _Check, data: Mapping[str, Any], factor: int) -> None:
     """Every component's I/O as the component table gives it for the manifest's image, latent and text sizes."""
-    from sun_edge.components import COMPONENTS, FREE, Geometry, describe, unet_in_channels
+    from sun_edge.components import COMPONENTS, FREE, Geometry, control_layout, describe, unet_in_channels
 
     image, latent, text = data["image"], data["latent"], data["text"]
     if "unet_in_channels" in latent:
@@ -248,7 +254,8 @@ def _check_geometry(c: _Check, data: Mapping[str, Any], factor: int) -> None:
     dynamic = (data.get("batch") or {}).get("max", 1) > 1  # a batch range: graphs with a free batch dimension
     geometry = Geometry(height=image["height"], width=image["width"], latent_channels=latent["channels"],
                         vae_scale_factor=factor, text_tokens=text["tokens"], text_dim=text["dim"],
-                        batch=FREE if dynamic else 1, unet_in_channels=unet_in_channels(latent))
+                        batch=FREE if dynamic else 1, unet_in_channels=unet_in_channels(latent),
+                        control=control_layout(data.get("controlnet")))
     sizes = (f"image {image['height']}x{image['width']}, latent {latent['channels']}x{latent['height']}x"
              f"{latent['width']}, text {text['tokens']}x{text['dim']}")
     for name, comp in data["components"].items():

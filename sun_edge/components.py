@@ -48,6 +48,7 @@ class Geometry:
     text_dim: int = 768
     batch: int = 1
     unet_in_channels: int | None = None  # the UNet's sample channels; None: latent_channels (9: an inpainting UNet)
+    control: tuple[tuple[int, int], ...] = ()  # ControlNet residuals (channels, latent downscale): down..., mid; () none
 
     @property
     def latent_height(self) -> int:
@@ -80,7 +81,21 @@ class Geometry:
         image, latent, text = manifest.image, manifest.latent, manifest.text
         return cls(height=int(image["height"]), width=int(image["width"]), latent_channels=int(latent["channels"]),
                    vae_scale_factor=int(image["height"]) // int(latent["height"]), text_tokens=int(text["tokens"]),
-                   text_dim=int(text["dim"]), unet_in_channels=unet_in_channels(latent))
+                   text_dim=int(text["dim"]), unet_in_channels=unet_in_channels(latent),
+                   control=control_layout(getattr(manifest, "controlnet", None)))
+
+    def residuals(self, batch: int) -> tuple[TensorSpec, ...]:
+        """The ControlNet residuals at ``batch``: ``down_block_res_0..N-1`` then ``mid_block_res`` (none without one)."""
+        def spec(name: str, channels: int, factor: int) -> TensorSpec:
+            return _f32(name, (batch, channels, -(-self.latent_height // factor), -(-self.latent_width // factor)))
+
+        down = tuple(spec(f"down_block_res_{i}", c, f) for i, (c, f) in enumerate(self.control[:-1]))
+        return (*down, spec("mid_block_res", *self.control[-1])) if self.control else ()
+
+
+def control_layout(entry: Mapping[str, Any] | None) -> tuple[tuple[int, int], ...]:
+    """A manifest's ``controlnet.residuals`` as (channels, downscale) pairs (no ControlNet: ``()``)."""
+    return tuple((int(c), int(f)) for c, f in (entry or {}).get("residuals", ())) if entry else ()
 
 
 def unet_in_channels(latent: Mapping[str, Any]) -> int:
@@ -127,12 +142,12 @@ COMPONENTS: Mapping[str, ComponentSpec] = MappingProxyType({c.name: c for c in (
                   optional=False, policy="bundle", summary="token ids -> text embedding (CLIP's last hidden state)"),
     ComponentSpec("unet", "unet",
                   lambda g: (_f32("sample", g.unet_latents), _f32("timestep", (1,)), _f32("encoder_hidden_states", g.text),
-                             _f32("negative_encoder_hidden_states", g.text)),
+                             _f32("negative_encoder_hidden_states", g.text), *g.residuals(g.batch)),
                   lambda g: (_f32("noise_pred", g.latents),),
                   optional=False, policy="bundle", summary="the SUN UNet, adapter fused: one forward per step"),
     ComponentSpec("unet_plain", "unet_plain",
                   lambda g: (_f32("sample", _cfg_batch(g.unet_latents)), _f32("timestep", (1,)),
-                             _f32("encoder_hidden_states", _cfg_batch(g.text))),
+                             _f32("encoder_hidden_states", _cfg_batch(g.text)), *g.residuals(FREE)),
                   lambda g: (_f32("noise_pred", _cfg_batch(g.latents)),),
                   optional=True, policy="bundle", summary="the UNet without the adapter, batch 1 or 2 (CFG baseline)"),
     ComponentSpec("vae_decoder", "decode_full",
@@ -146,6 +161,15 @@ COMPONENTS: Mapping[str, ComponentSpec] = MappingProxyType({c.name: c for c in (
     ComponentSpec("vae_decoder_tiny", "decode_tiny",
                   lambda g: (_f32("latents", g.latents),), lambda g: (_f32("image", g.image),),
                   optional=True, policy="bundle", summary="TAESD: sampler latents -> image in [-1, 1]"),
+    ComponentSpec("controlnet", "controlnet",
+                  lambda g: (_f32("sample", _cfg_batch(g.latents)), _f32("timestep", (1,)),
+                             _f32("encoder_hidden_states", _cfg_batch(g.text)),
+                             _f32("negative_encoder_hidden_states", _cfg_batch(g.text)),
+                             _f32("controlnet_cond", _cfg_batch(g.image)), _f32("conditioning_scale", (1,))),
+                  lambda g: g.residuals(FREE),
+                  optional=True, policy="bundle",
+                  summary="ControlNet: latents, t, both prompts (attended as [pos; neg]), condition in [0, 1], scale "
+                          "-> the UNet's residuals (batch B for SUN, 2B for CFG)"),
 )})
 
 
@@ -172,6 +196,8 @@ class Runtime(Protocol):
     ``mean + std * noise``); ``unet_in_channels`` is the UNet's sample channels (9: an inpainting UNet).
     ``release(name)`` frees what a component holds (sessions, weights); the next call loads it again.
     Batched calls take ``[B, ...]`` for B up to ``max_batch`` (``unet_plain``: 2B, the CFG pair).
+    ``controlnet`` returns the UNet's ControlNet residuals (``Geometry.residuals``), which ``unet`` and
+    ``unet_plain`` add when given (``None``: no ControlNet; a bundle exported with one feeds zeros).
     """
 
     name: str
@@ -183,13 +209,17 @@ class Runtime(Protocol):
 
     def has(self, component: str) -> bool: ...
     def encode_text(self, ids: np.ndarray) -> np.ndarray: ...
-    def unet(self, latents: np.ndarray, t: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray: ...
-    def unet_plain(self, latents: np.ndarray, t: np.ndarray, emb: np.ndarray) -> np.ndarray: ...
+    def unet(self, latents: np.ndarray, t: np.ndarray, pos: np.ndarray, neg: np.ndarray,
+             residuals: tuple[np.ndarray, ...] | None = None) -> np.ndarray: ...
+    def unet_plain(self, latents: np.ndarray, t: np.ndarray, emb: np.ndarray,
+                   residuals: tuple[np.ndarray, ...] | None = None) -> np.ndarray: ...
     def decode(self, latents: np.ndarray) -> np.ndarray: ...
     def decode_full(self, latents: np.ndarray) -> np.ndarray: ...
     def decode_tiny(self, latents: np.ndarray) -> np.ndarray: ...
     def encode(self, image: np.ndarray) -> np.ndarray: ...
     def encode_dist(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def controlnet(self, latents: np.ndarray, t: np.ndarray, pos: np.ndarray, neg: np.ndarray, cond: np.ndarray,
+                   scale: np.ndarray) -> tuple[np.ndarray, ...]: ...
     def release(self, component: str) -> None: ...
 
 

@@ -11,7 +11,11 @@ reference makes an image, never on random tensors alone:
 - ``vae_decoder`` (and ``vae_decoder_tiny``, TAESD): the reference's final latents;
 - ``vae_encoder``: the reference's decoded image;
 - ``image``: the whole 4-step pipeline on each runtime from the same seed, compared as float images
-  in [-1, 1] (before 8-bit quantization, so differences below one 8-bit level still count).
+  in [-1, 1] (before 8-bit quantization, so differences below one 8-bit level still count);
+- with a ControlNet on both sides (``control_condition``: a ring and a box drawn as an edge map):
+  ``controlnet``, every residual along the reference's own ControlNet trajectory (and once as the CFG
+  pair, batch 2); ``unet`` again on those steps with the reference's residuals in its extra inputs;
+  ``image_controlnet``, the whole 4-step ControlNet pipeline on each runtime.
 
 A component's figure is its worst PSNR over all its inputs (steps, seeds) and its largest absolute
 difference. Components the candidate lacks are skipped and listed. Thresholds come from each
@@ -42,7 +46,8 @@ METRIC = "PSNR in dB, peak from the reference: 20*log10(max|ref| / rms(ref - out
 INPUTS_NOTE = ("text_encoder: the tokenized prompt and negative prompt; unet, unet_plain: the (latents, t) of the "
                "reference's own SUN trajectory with its text embeddings; vae_decoder(_tiny): its final latents; "
                "vae_encoder: its decoded image; image: the pipeline on each runtime, float images in [-1, 1] "
-               "before 8-bit quantization, full VAE decoder")
+               "before 8-bit quantization, full VAE decoder; with a ControlNet: controlnet along the reference's "
+               "ControlNet trajectory (and as the CFG pair), unet again with its residuals, image_controlnet")
 
 
 def psnr(ref: np.ndarray, out: np.ndarray) -> float:
@@ -65,6 +70,7 @@ def max_abs(ref: np.ndarray, out: np.ndarray) -> float:
 
 
 COMPONENTS: tuple[str, ...] = ROWS  # parity rows: every component of the table, then the whole image
+CONTROL_ROWS = ("controlnet", "image_controlnet")  # reported only where a side has a ControlNet
 
 
 def threshold(component: str, precision: str, target: str = "onnx") -> float:
@@ -151,8 +157,25 @@ def _fmt_db(x: float) -> str:
 
 
 def has_component(runtime: Runtime, row: str) -> bool:
-    """Whether a runtime computes parity row ``row`` (a component, or ``image``: the SUN pipeline)."""
+    """Whether a runtime computes parity row ``row`` (a component, ``image``: the SUN pipeline, ``image_controlnet``:
+    the SUN pipeline with the ControlNet)."""
+    if row == "image_controlnet":
+        return runtime.has("unet") and runtime.has("controlnet")
     return runtime.has("unet" if row == "image" else row)
+
+
+def control_condition(height: int, width: int) -> np.ndarray:
+    """The parity's ControlNet condition [1,3,H,W] in [0, 1]: white outlines (a ring and a box) on black, as an edge
+    map looks; deterministic, so reference and candidate see the same."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = np.hypot(y - height * 0.4, x - width * 0.4)
+    ring = np.abs(r - min(height, width) * 0.25) < max(1.0, min(height, width) / 64)
+    top, left, bottom, right = int(height * 0.55), int(width * 0.5), int(height * 0.9), int(width * 0.9)
+    box = np.zeros((height, width), bool)
+    box[top:bottom, left:right] = True
+    box[top + 2:bottom - 2, left + 2:right - 2] = False
+    edges = (ring | box).astype(np.float32)  # [H, W]
+    return np.repeat(edges[None, None], 3, axis=1)  # [1, 3, H, W]
 
 
 @dataclass(frozen=True)
@@ -163,9 +186,11 @@ class Trajectory:
     final: np.ndarray  # x0 latents [1,4,h,w]
 
 
-def sun_trajectory(pipe: Pipeline, pos: np.ndarray, neg: np.ndarray, seed: int, settings: Settings) -> Trajectory:
-    """Run the pipeline's sampling loop on its runtime and record every (latents, t, eps) of the UNet."""
-    eps_fn = pipe.eps_fn(pos, neg, settings)
+def sun_trajectory(pipe: Pipeline, pos: np.ndarray, neg: np.ndarray, seed: int, settings: Settings,
+                   control: tuple[np.ndarray, np.ndarray] | None = None) -> Trajectory:
+    """Run the pipeline's sampling loop on its runtime and record every (latents, t, eps) of the UNet
+    (``control``: with the ControlNet, as ``Pipeline.eps_fn`` takes it)."""
+    eps_fn = pipe.eps_fn(pos, neg, settings, control) if control is not None else pipe.eps_fn(pos, neg, settings)
     steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def record(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -178,10 +203,12 @@ def sun_trajectory(pipe: Pipeline, pos: np.ndarray, neg: np.ndarray, seed: int, 
     return Trajectory(tuple(steps), final)
 
 
-def pipeline_image(pipe: Pipeline, prompt: str, negative_prompt: str, seed: int, settings: Settings) -> np.ndarray:
+def pipeline_image(pipe: Pipeline, prompt: str, negative_prompt: str, seed: int, settings: Settings,
+                   control: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``Pipeline.generate``'s computation up to the float image [1,3,H,W] in [-1, 1], full VAE decoder."""
     pos, neg = pipe.embed(prompt), pipe.embed(negative_prompt)
-    latents = sampling.sample(pipe.eps_fn(pos, neg, settings), pipe.initial_latents(seed, settings),
+    eps_fn = pipe.eps_fn(pos, neg, settings, control) if control is not None else pipe.eps_fn(pos, neg, settings)
+    latents = sampling.sample(eps_fn, pipe.initial_latents(seed, settings),
                               steps=settings.steps, scheduler=settings.scheduler, spacing=settings.spacing)
     return pipe.runtime.decode_full(latents.astype(np.float32))
 
@@ -207,7 +234,9 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
     settings.validate()
     if settings.mode != "sun":
         raise SunEdgeError("parity runs the SUN trajectory: settings.mode must be 'sun'")
-    wanted = tuple(components) if components is not None else COMPONENTS
+    wanted = tuple(components) if components is not None else tuple(
+        c for c in COMPONENTS if c not in CONTROL_ROWS
+        or has_component(reference, "controlnet") or has_component(candidate, "controlnet"))  # no ControlNet: no rows
     lowered = runtime_precision(candidate.name, candidate.info)  # OpenVINO at bf16/f16: its own floors, every row
     precisions = {c: lowered or (precisions or {}).get(c, precision) for c in wanted}
     limits = {c: parity_threshold(c, precisions[c], target, candidate.name) for c in wanted}  # validates names
@@ -240,6 +269,15 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
     steps = [(seed, i, x, t, eps) for seed, path in paths.items() for i, (x, t, eps) in enumerate(path.steps)]
     where = {(seed, i): f"seed {seed}, step {i + 1} (t={int(t[0])})" for seed, i, _, t, _ in steps}
     n = batch
+    controlled = has_component(reference, "controlnet") and has_component(candidate, "controlnet")
+    control = (control_condition(settings.height, settings.width), np.array([True])) if controlled else None
+    scale = np.array([1.0], np.float32)
+    control_steps = []  # (seed, step, latents, t, the reference's residuals) along its own ControlNet trajectory
+    if controlled:
+        for seed in seeds:
+            path = sun_trajectory(ref_pipe, pos, neg, seed, settings, control)
+            control_steps += [(seed, i, x, t, reference.controlnet(x, t, pos, neg, control[0], scale))
+                              for i, (x, t, _) in enumerate(path.steps)]
     if "unet" in found:
         for seed, i, x, t, eps in steps:
             measure("unet", eps, candidate.unet(x, t, pos, neg), where[seed, i])
@@ -250,7 +288,22 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
                 out = candidate.unet(xs, t, np.repeat(pos, n, axis=0), np.repeat(neg, n, axis=0))
                 for k, path in enumerate(group):
                     measure("unet", path.steps[i][2], out[k:k + 1], f"batch {n}, item {k}, step {i + 1} (t={int(t[0])})")
+        if controlled:  # the UNet graph's residual inputs, fed the reference ControlNet's residuals
+            for seed, i, x, t, res in control_steps:
+                measure("unet", reference.unet(x, t, pos, neg, res), candidate.unet(x, t, pos, neg, res),
+                        f"{where[seed, i]}, ControlNet residuals")
         release("unet")
+    if "controlnet" in found:
+        for seed, i, x, t, res in control_steps:
+            out = candidate.controlnet(x, t, pos, neg, control[0], scale)
+            for spec_i, (r, o) in enumerate(zip(res, out, strict=True)):
+                measure("controlnet", r, o, f"{where[seed, i]}, residual {spec_i}")
+        seed, i, x, t, _ = control_steps[0]  # the CFG pair: batch 2, each half its own text (read as [c; c])
+        x2, context, cond2 = np.concatenate([x, x]), np.concatenate([neg, pos]), np.concatenate([control[0]] * 2)
+        for spec_i, (r, o) in enumerate(zip(reference.controlnet(x2, t, context, context, cond2, scale),
+                                            candidate.controlnet(x2, t, context, context, cond2, scale), strict=True)):
+            measure("controlnet", r, o, f"CFG pair, {where[seed, i]}, residual {spec_i}")
+        release("controlnet")
     if "unet_plain" in found:
         for seed, i, x, t, _ in steps:
             x2, context = np.concatenate([x, x]), np.concatenate([neg, pos])  # [2, 4, h, w], [2, 77, D]
@@ -269,6 +322,10 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
         for seed in seeds:
             measure("image", images[seed], pipeline_image(cand_pipe, prompt, negative_prompt, seed, settings),
                     f"seed {seed}")
+    if "image_controlnet" in found:
+        for seed in seeds:
+            measure("image_controlnet", pipeline_image(ref_pipe, prompt, negative_prompt, seed, settings, control),
+                    pipeline_image(cand_pipe, prompt, negative_prompt, seed, settings, control), f"seed {seed}")
     rows = tuple(_row(c, found[c], limits[c], precisions[c]) for c in active)
     inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "seeds": [int(s) for s in seeds],
               "steps": settings.steps, "scheduler": settings.scheduler, "spacing": settings.spacing,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from sun_edge import editing, imaging, noise, sampling
+from sun_edge import control_image, editing, imaging, noise, sampling
 from sun_edge import __version__
 from sun_edge.components import Runtime
 from sun_edge.settings import Mode, NoiseKind, Settings, check_finite, check_seeds, check_text
@@ -36,6 +37,7 @@ class Job:
     seed: int = 0
     init_image: Image.Image | None = None
     mask: Image.Image | None = None
+    control_image: Image.Image | None = None  # ControlNet condition (any size: fitted to the image size)
 
 
 @dataclass
@@ -75,11 +77,18 @@ class Pipeline:
                  settings.width // self.runtime.vae_scale_factor)
         return noise.initial_noise(seed, shape, kind=settings.noise)
 
-    def eps_fn(self, pos: np.ndarray, neg: np.ndarray, settings: Settings, *,
+    def eps_fn(self, pos: np.ndarray, neg: np.ndarray, settings: Settings,
+               control: tuple[np.ndarray, np.ndarray] | None = None, *,
                condition: np.ndarray | None = None) -> "_Meter":
         """The model as the sampler sees it (given both text embeddings), counting calls and their time.
 
-        ``condition`` [B,5,h,w]: an inpainting UNet's mask and masked-image latents, appended to its sample."""
+        ``condition`` [B,5,h,w]: an inpainting UNet's mask and masked-image latents, appended to its sample.
+
+        ``control``: (condition [B,3,H,W] in [0, 1], which items have one [B] bool): the ControlNet runs once per
+        step (SUN: on the batch, reading ``[pos; neg]``; CFG: on the 2B pair) and its residuals, times
+        ``settings.control_scale`` and zero for items without a condition, feed the UNet."""
+        if control is not None:
+            return self._controlled_eps(pos, neg, settings, *control, condition=condition)
         if settings.mode == "sun":
             def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
                 return self.runtime.unet(_with_condition(latents, condition), t, pos, neg)
@@ -93,6 +102,45 @@ class Pipeline:
                 both = plain(_with_condition(np.concatenate([latents, latents]), condition), t, context)  # [2B, 4, h, w]
                 return sampling.cfg_combine(both[:b], both[b:], settings.guidance)
         return _Meter(eps)
+
+    def _controlled_eps(self, pos: np.ndarray, neg: np.ndarray, settings: Settings, cond: np.ndarray,
+                        present: np.ndarray, condition: np.ndarray | None = None) -> "_Meter":
+        """``eps_fn`` with a ControlNet (its docstring)."""
+        if not self.runtime.has("controlnet"):
+            raise SunEdgeError(f"runtime {self.runtime.name} has no ControlNet; load one with --controlnet FILE (a bundle: "
+                               "export it with --controlnet FILE)")
+        scale = np.array([settings.control_scale], np.float32)  # [1]
+
+        def residuals(latents: np.ndarray, t: np.ndarray, p: np.ndarray, n: np.ndarray, c: np.ndarray,
+                      keep: np.ndarray) -> tuple[np.ndarray, ...]:
+            out = self.runtime.controlnet(latents, t, p, n, c, scale)
+            mask = keep.astype(np.float32).reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]: 0 for items without a condition
+            return tuple(check_finite(r, "the ControlNet residuals", "the ControlNet") * mask for r in out)
+
+        if settings.mode == "sun":
+            def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
+                return self.runtime.unet(_with_condition(latents, condition), t, pos, neg, residuals(latents, t, pos, neg, cond, present))
+        else:
+            if not self.runtime.has("unet_plain"):
+                raise SunEdgeError(f"runtime {self.runtime.name} has no UNet without the adapter; CFG mode needs one")
+            context, b = np.concatenate([neg, pos]), len(pos)  # [2B, 77, D]
+            cond2, keep2 = np.concatenate([cond, cond]), np.concatenate([present, present])
+
+            def eps(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
+                x2 = np.concatenate([latents, latents])  # [2B, 4, h, w]; the ControlNet reads [c; c] = c per item
+                both = self.runtime.unet_plain(_with_condition(x2, condition), t, context, residuals(x2, t, context, context, cond2, keep2))
+                return sampling.cfg_combine(both[:b], both[b:], settings.guidance)
+        return _Meter(eps)
+
+    def control_input(self, jobs: Sequence[Job], settings: Settings) -> tuple[np.ndarray, np.ndarray] | None:
+        """The ControlNet input of a group of jobs: conditions [B,3,H,W] (zeros where a job has none) and which
+        jobs have one [B]; None when none has."""
+        if all(job.control_image is None for job in jobs):
+            return None
+        blank = np.zeros((1, 3, settings.height, settings.width), np.float32)
+        cond = np.concatenate([control_image.control_condition(job.control_image, settings.width, settings.height)
+                               if job.control_image is not None else blank for job in jobs])
+        return cond, np.array([job.control_image is not None for job in jobs])
 
     def warm_up(self, settings: Settings) -> None:
         """One untimed UNet call in ``settings.mode``, so that one-time backend set-up does not skew timings."""
@@ -146,11 +194,12 @@ class Pipeline:
 
     def generate(self, prompt: str, negative_prompt: str = "", *, seeds: Sequence[int] = (0,),
                  settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None,
-                 max_batch: int = 1, init_image: Image.Image | None = None, mask: Image.Image | None = None) -> list[Generated]:
+                 max_batch: int = 1, init_image: Image.Image | None = None, mask: Image.Image | None = None, control_image: Image.Image | None = None) -> list[Generated]:
         """One image per seed, ``max_batch`` seeds per UNet call (see ``generate_batch``); ``init_image`` (img2img,
-        ``settings.strength``) and ``mask`` (inpainting, white = repaint) apply to every seed."""
-        return self.generate_batch([Job(prompt, negative_prompt, seed, init_image=init_image, mask=mask) for seed in seeds], settings=settings,
-                                   progress=progress, max_batch=max_batch)
+        ``settings.strength``) and ``mask`` (inpainting, white = repaint) apply to every seed; ``control_image``: the
+        ControlNet condition of every seed."""
+        return self.generate_batch([Job(prompt, negative_prompt, seed, control_image=control_image, init_image=init_image, mask=mask) for seed in seeds],
+                                   settings=settings, progress=progress, max_batch=max_batch)
 
     def generate_batch(self, jobs: Sequence[Job], *, settings: Settings = Settings(),
                        progress: Callable[[int, int], None] | None = None, max_batch: int = 1) -> list[Generated]:
@@ -173,6 +222,11 @@ class Pipeline:
         for job in jobs:
             check_text(job.prompt, "prompt")
             check_text(job.negative_prompt, "negative prompt")
+            if job.control_image is not None:
+                control_image.check_control_image(job.control_image)
+        if any(job.control_image is not None for job in jobs) and not self.runtime.has("controlnet"):
+            raise SunEdgeError(f"a control image was given and runtime {self.runtime.name} has no ControlNet; load one "
+                               "with --controlnet FILE (a bundle: export it with --controlnet FILE)")
         check_seeds([job.seed for job in jobs])
         limit = min(max_batch, self.runtime.max_batch)
         kept = sampling.kept_steps(settings.steps, settings.strength)
@@ -187,7 +241,7 @@ class Pipeline:
             prepared = [self.prepare_edit(job, settings) for job in group]
             pos = np.concatenate([embedded[job.prompt] for job in group])  # [B, 77, D]
             neg = np.concatenate([embedded[job.negative_prompt] for job in group])  # [B, 77, D]
-            meter = self.eps_fn(pos, neg, settings, condition=_condition(prepared))
+            meter = self.eps_fn(pos, neg, settings, self.control_input(group, settings), condition=_condition(prepared))
 
             def step_done(*_: Any, n: int = len(group)) -> None:
                 nonlocal done
@@ -208,9 +262,13 @@ class Pipeline:
                 images.append(image)
             seconds, b = time.perf_counter() - start, len(group)
             results += [Generated(image, job.seed, job.prompt, job.negative_prompt, settings, seconds / b, meter.calls,
-                                  meter.seconds / b, self._fields(job.seed, settings, job), batch=b)
+                                  meter.seconds / b, {**self._fields(job.seed, settings, job),
+                                                      **self._control_fields(job, settings)}, batch=b)
                         for job, image in zip(group, images)]
         return results
+
+    def _control_fields(self, job: Job, settings: Settings) -> dict[str, Any]:
+        return _control_fields_of(self.runtime.info, job, settings)
 
     def _fields(self, seed: int, settings: Settings, job: Job | None = None) -> dict[str, Any]:
         info = self.runtime.info
@@ -235,6 +293,17 @@ class Pipeline:
             "Runtime": self.runtime.name,
             "Version": f"sun-edge {__version__}",
         }
+
+
+def _control_fields_of(info: dict[str, Any], job: Job, settings: Settings) -> dict[str, Any]:
+    """A1111's ``ControlNet 0`` entry (module, model [hash], weight) and the condition's pixel hash."""
+    if job.control_image is None:
+        return {}
+    digest = info.get("controlnet_sha256")
+    model = Path(str(info.get("controlnet") or "controlnet")).stem + (f" [{digest[:8]}]" if digest else "")
+    return {"ControlNet 0": f"Module: none, Model: {model}, Weight: {settings.control_scale:g}, "
+                            "Resize Mode: Crop and Resize, Guidance Start: 0, Guidance End: 1",
+            "ControlNet image hash": control_image.image_hash(job.control_image)}
 
 
 @dataclass(frozen=True)

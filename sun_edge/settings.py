@@ -31,6 +31,7 @@ MAX_STEPS = 1000  # the training schedule's length: more steps than timesteps me
 MAX_SIDE = 2048  # SD1.5 makes 512-768; 2048x2048 already needs a 256x256 latent and many GB per UNet call
 MAX_GUIDANCE = 50.0
 MAX_SEED = 2**64 - 1
+MAX_CONTROL_SCALE = 2.0  # A1111's ControlNet weight slider goes to 2
 MAX_MASK_BLUR = 64  # pixels; A1111's slider stops there
 
 
@@ -108,6 +109,7 @@ class Settings:
     mask_blur: int = 0  # inpainting: pixels of Gaussian blur on the mask (A1111's mask_blur), 0..64
     invert_mask: bool = False  # inpainting: repaint the black part instead (A1111's inpainting_mask_invert)
     paste_back: bool = False  # inpainting: the original pixels outside the (blurred) mask over the result
+    control_scale: float = 1.0  # ControlNet conditioning scale (A1111's weight), in [0, MAX_CONTROL_SCALE]
 
     @classmethod
     def baseline(cls, **overrides: Any) -> "Settings":
@@ -156,6 +158,11 @@ class Settings:
                 raise SunEdgeError(f"{side} {value} is outside [8, {MAX_SIDE}]")
         if self.noise not in NOISE_KINDS:
             raise SunEdgeError(f"unknown noise {self.noise!r}; valid: {', '.join(NOISE_KINDS)}")
+        scale = self.control_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or not 0.0 <= scale <= MAX_CONTROL_SCALE:
+            raise SunEdgeError(f"control scale must be a number in [0, {MAX_CONTROL_SCALE:g}] (the ControlNet's weight), "
+                               f"got {scale!r}")
         if (isinstance(self.strength, bool) or not isinstance(self.strength, (int, float))
                 or not math.isfinite(self.strength) or not 0.0 < self.strength <= 1.0):
             raise SunEdgeError(f"strength must be a number in (0, 1] (the fraction of the steps that run on the init "

@@ -38,11 +38,20 @@ class SUNUNet(nn.Module):
         unet.set_attn_processor(processors)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                negative_encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        # sample [B,4,h,w]; timestep [1] or [B]; embeddings [B,77,D] each
+                negative_encoder_hidden_states: torch.Tensor,
+                residuals: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        # sample [B,4,h,w]; timestep [1] or [B]; embeddings [B,77,D] each; residuals: ControlNet's (down..., mid)
         context = torch.cat([encoder_hidden_states, negative_encoder_hidden_states], dim=1)  # [B, 154, D]
-        return self.unet(sample, timestep, context, return_dict=False)[0]  # [B, 4, h, w]
+        return self.unet(sample, timestep, context, return_dict=False, **_control(residuals))[0]  # [B, 4, h, w]
 
-    def plain(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def plain(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+              residuals: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """The same UNet without the adapter (the CFG baseline's forward): [B,4,h,w] -> [B,4,h,w]."""
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **_control(residuals))[0]
+
+
+def _control(residuals: tuple[torch.Tensor, ...] | None) -> dict[str, Any]:
+    """ControlNet residuals (12 down, then the mid one, for SD1.5) as diffusers' UNet keywords."""
+    if residuals is None:
+        return {}
+    return {"down_block_additional_residuals": tuple(residuals[:-1]), "mid_block_additional_residual": residuals[-1]}
