@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from sun_edge.runtimes.pytorch import TorchRuntime
 
 TINY_DECODER_TARGETS = tuple(name for name, t in TARGETS.items() if t.tiny_decoder)  # can carry TAESD
+CONTROLNET_TARGETS = ("onnx", "tensorrt")  # exporters with a ControlNet graph (tensorrt: the ONNX graphs it builds from)
 Precision = Literal["fp32", "fp16"]
 ParityFn = Callable[["TorchRuntime", Path], dict[str, Any]]
 
@@ -128,13 +129,14 @@ def _tiny_target_message(target: str) -> str:
 def export(target: str, model: str, out: Path | str, *, adapter: Path | str | None = None,
            loras: Sequence[tuple[Path, float]] = (), allow_pickle: bool = False,
            options: ExportOptions = ExportOptions(), force: bool = False, parity: ParityFn | None = None,
-           progress: bool = True, vae_decoder: str | None = None) -> Path:
+           progress: bool = True, vae_decoder: str | None = None, controlnet: Path | str | None = None) -> Path:
     """Load ``model`` with its adapter (float32 reference) and write a ``target`` bundle to ``out``.
 
     ``vae_decoder``: ``"full"`` (or None) or ``"tiny:PATH"``: also export that TAESD decoder as
     ``vae_decoder_tiny`` (ONNX only; the full VAE is always exported). Checks the target, the
     options, the decoder spec and the destination (``force`` to replace an existing one) before
-    loading anything. Returns the bundle's path.
+    loading anything. ``controlnet``: also export this ControlNet as its own graph, and the UNet graphs with its
+    residual inputs (``CONTROLNET_TARGETS``). Returns the bundle's path.
     """
     from sun_edge.bundle import check_destination
     from sun_edge.taesd import parse_vae_decoder
@@ -144,6 +146,9 @@ def export(target: str, model: str, out: Path | str, *, adapter: Path | str | No
     if parse_vae_decoder(vae_decoder) is not None and target not in TINY_DECODER_TARGETS:
         raise SunEdgeError(_tiny_target_message(target))
     out = Path(out)
+    if controlnet is not None and target not in CONTROLNET_TARGETS:
+        raise SunEdgeError(f"--controlnet applies to --target {', '.join(CONTROLNET_TARGETS)}; the {target} exporter "
+                           "has no ControlNet graph yet")
     check_destination(out, force)
 
     from sun_edge.adapter import find_adapter
@@ -151,7 +156,8 @@ def export(target: str, model: str, out: Path | str, *, adapter: Path | str | No
     from sun_edge.models import resolve_model
     from sun_edge.runtimes.pytorch import TorchRuntime
 
-    reference = TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle, vae_decoder=vae_decoder)
+    reference = TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle, vae_decoder=vae_decoder,
+                                  controlnet=controlnet)
     require_adapter(reference, model)
     adapter_path = find_adapter(adapter, resolve_model(model))
     return module.export_bundle(reference, out, options, model=model_entry(reference, model, loras),

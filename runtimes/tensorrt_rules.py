@@ -111,8 +111,8 @@ def engine_file(component: str, trt_version: str, compute: int) -> str:
 
 def free_batch_max(manifest: Any, component: str) -> int:
     """The largest size of a component's free batch dimension: the bundle's batch range (the CFG baseline
-    UNet takes the pair, 2x; a batch-1 bundle's baseline spans 1..2)."""
-    return (2 if component == "unet_plain" else 1) * int(manifest.batch["max"])
+    UNet and the ControlNet, which runs on its input, take the pair, 2x; a batch-1 bundle's span 1..2)."""
+    return (2 if component in ("unet_plain", "controlnet") else 1) * int(manifest.batch["max"])
 
 
 def profile_shapes(component: Component, free_max: int = PLAIN_MAX_BATCH) -> dict[str, dict[str, tuple[int, ...]]]:

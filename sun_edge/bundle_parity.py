@@ -75,7 +75,9 @@ def reference_mismatches(manifest: Any, info: dict[str, Any],
 
     out = []
     for what, recorded, actual in (("model", (manifest.model or {}).get("sha256"), info.get("model_sha256")),
-                                   ("adapter", (manifest.adapter or {}).get("sha256"), info.get("adapter_sha256"))):
+                                   ("adapter", (manifest.adapter or {}).get("sha256"), info.get("adapter_sha256")),
+                                   ("ControlNet", (getattr(manifest, "controlnet", None) or {}).get("sha256"),
+                                    info.get("controlnet_sha256"))):
         if recorded and recorded != actual:
             out.append(f"{what} sha256 {actual[:12] + '...' if actual else 'unknown'} differs from the bundle's "
                        f"{recorded[:12]}...")
@@ -117,7 +119,14 @@ def reference_for_bundle(manifest: Any, *, model: str | None = None, adapter: st
         vae_decoder = vae_decoder or f"tiny:{recorded_tiny}"
     elif vae_decoder not in (None, "full"):
         raise SunEdgeError("--vae-decoder checks a bundle's TAESD decoder, and this bundle has none (vae_decoder_tiny)")
-    return TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle, vae_decoder=vae_decoder)
+    controlnet = None
+    if "controlnet" in getattr(manifest, "components", {}):  # its graph is checked against the ControlNet it came from
+        controlnet = (getattr(manifest, "controlnet", None) or {}).get("path")
+        if not controlnet:
+            raise SunEdgeError("the bundle has a ControlNet graph and its manifest records no path for the ControlNet "
+                               "it was exported from; re-export it")
+    return TorchRuntime.load(model, adapter, loras=tuple(loras), allow_pickle=allow_pickle, vae_decoder=vae_decoder,
+                             controlnet=controlnet)
 
 
 def _tiny_mismatch(manifest: Any, reference: Any) -> tuple[str, ...]:

@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mask-blur", type=int, default=0, metavar="N", help="with --mask: blur the mask by N pixels (0..64, default 0)")
     e.add_argument("--invert-mask", action="store_true", help="with --mask: repaint where the mask is black")
     e.add_argument("--paste-back", action="store_true", help="with --mask: paste the original pixels back outside the (blurred) mask")
+    c = g.add_argument_group("ControlNet")
+    c.add_argument("--controlnet", type=Path, metavar="FILE",
+                   help="with --model: a ControlNet for it (.safetensors in diffusers' or the original control_v11 layout, "
+                        "or a diffusers folder); a bundle carries the one it was exported with")
+    c.add_argument("--control-image", type=Path, metavar="FILE",
+                   help="the ControlNet's condition (edges, depth, pose, ...), fitted to the image size")
+    c.add_argument("--control-scale", type=float, metavar="X", help="the ControlNet's weight in [0, 2] (default 1)")
 
     sub.add_parser("models", help="list the model registry and what is installed ($SUN_EDGE_HOME/models)")
 
@@ -112,6 +119,22 @@ def _bundle_runtime(args: argparse.Namespace, bundle: Any) -> tuple[Any, Any]:
     return runtime, runtime.tokenizer()
 
 
+def _control_image(args: argparse.Namespace) -> Any:
+    """The ``--control-image``, read before any model loads; the flags that need each other, checked."""
+    from sun_edge.control_image import read_control_image
+
+    if args.control_image is None:
+        if args.controlnet is not None or args.control_scale is not None:
+            raise SunEdgeError("--controlnet and --control-scale need --control-image FILE (the ControlNet's condition)")
+        return None
+    if args.bundle is not None and args.controlnet is not None:
+        raise SunEdgeError("--controlnet applies to --model; a bundle runs the ControlNet exported into it "
+                           "(sun-edge export --controlnet FILE)")
+    if args.bundle is None and args.controlnet is None:
+        raise SunEdgeError("--control-image needs --controlnet FILE (the ControlNet that reads it)")
+    return read_control_image(args.control_image)
+
+
 def _torch_runtime(args: argparse.Namespace, mode: str) -> Any:
     from sun_edge.models import parse_lora_arg
     from sun_edge.runtimes.pytorch import TorchRuntime
@@ -119,7 +142,7 @@ def _torch_runtime(args: argparse.Namespace, mode: str) -> Any:
     loras = tuple(parse_lora_arg(text) for text in args.lora)
     runtime = TorchRuntime.load(args.model, args.adapter, loras=loras, allow_pickle=args.allow_pickle,
                                 device=args.device, precision=args.precision, vae_decoder=args.vae_decoder,
-                                optimize=args.optimize)
+                                optimize=args.optimize, controlnet=args.controlnet)
     if mode == "sun" and runtime.adapter is None:
         raise SunEdgeError(f"model {args.model} has no SUN adapter beside it: pass --adapter PATH, or --mode cfg")
     return runtime
@@ -143,6 +166,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                  "width": args.width}
     common = {"guidance": args.guidance, "noise": args.noise, **_edit_settings(args)}
     init_image, mask = _edit_images(args)
+    control = _control_image(args)
+    if args.control_scale is not None:
+        common["control_scale"] = args.control_scale
     if args.bundle is not None:  # --bundle runs without PyTorch: nothing on this path imports it
         from sun_edge.bundle import open_bundle
 
@@ -181,7 +207,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         results = [pipe.generate(args.prompt, args.negative_prompt, seeds=args.seed, settings=s, progress=progress,
-                                 max_batch=args.batch, init_image=init_image, mask=mask) for s in runs]
+                                 max_batch=args.batch, init_image=init_image, mask=mask, control_image=control)
+                   for s in runs]
     finally:
         if bar is not None:
             bar.close()

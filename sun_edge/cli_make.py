@@ -101,6 +101,9 @@ def add_export_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParse
     e.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH",
                    help="tiny:PATH: also export this TAESD decoder (diffusers folder or .safetensors) as vae_decoder_tiny, "
                         "for generate --vae-decoder tiny (onnx target only; default: full, the model's VAE alone)")
+    e.add_argument("--controlnet", type=Path, metavar="FILE",
+                   help="also export this ControlNet (.safetensors or diffusers folder) as its own graph, and the UNet "
+                        "graphs with its residual inputs (onnx, tensorrt)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     for target in [*TARGETS.values(), *PACKAGINGS.values()]:  # each target's own options, declared in its registry entry
@@ -156,7 +159,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                              with_baseline=args.with_baseline, max_batch=args.max_batch, **specific)
     loras = tuple(parse_lora_arg(text) for text in args.lora)
     path = export(args.target, args.model, args.output, adapter=args.adapter, loras=loras, allow_pickle=args.allow_pickle,
-                  options=options, force=args.force, parity=export_parity, vae_decoder=args.vae_decoder)
+                  options=options, force=args.force, parity=export_parity, vae_decoder=args.vae_decoder,
+                  controlnet=args.controlnet)
     print(f"wrote {path}")
     return 0
 
