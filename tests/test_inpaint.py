@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from ldm_layout import ldm_checkpoint
+from inpaint_helpers import make_inpaint_model
 from sun_edge import editing, noise
 from sun_edge.errors import SunEdgeError
 from sun_edge.pipeline import Pipeline, Settings
@@ -112,30 +112,8 @@ def test_paste_back_returns_the_original_pixels_outside_the_mask(tiny_reference,
 
 @pytest.fixture(scope="module")
 def inpaint_model(tmp_path_factory, tiny):
-    """A tiny random 9-channel UNet (the tiny-random architecture otherwise) with the tiny text encoder and VAE,
-    as a diffusers folder with a SUN adapter and as a single LDM-layout file."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from sun_edge.adapter import BUNDLED_ADAPTER_FILE, SUNAdapter, save_adapter
-    from sun_edge.tiny import TINY_UNET_CONFIG, write_diffusers_folder
-    from sun_edge.weights import write_safetensors_atomic
-
-    torch.manual_seed(19)
-    unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "in_channels": 9}).eval()
-    generator = torch.Generator().manual_seed(20)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if param.ndim >= 2 and "embed" not in name:
-                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
-    root = tmp_path_factory.mktemp("inpaint")
-    folder = root / "tiny-inpaint"
-    write_diffusers_folder({**tiny, "unet": unet}, folder)
-    adapter = SUNAdapter.from_unet(unet, extra_positive=False).randomize_(21)
-    save_adapter(adapter, folder / BUNDLED_ADAPTER_FILE)
-    single = root / "tiny-inpaint.safetensors"
-    write_safetensors_atomic(ldm_checkpoint(unet, tiny["text_encoder"], tiny["vae"]), single)
-    return {"folder": folder, "single": single, "unet": unet, "adapter": folder / BUNDLED_ADAPTER_FILE}
+    """tests/inpaint_helpers.py: a tiny random 9-channel UNet as a diffusers folder (with an adapter) and a single file."""
+    return make_inpaint_model(tmp_path_factory.mktemp("inpaint"), tiny)
 
 
 @pytest.fixture(scope="module")
