@@ -114,10 +114,12 @@ class TorchRuntime:
         control = None
         if controlnet is not None:
             from sun_edge.controlnet import load_controlnet
+            from sun_edge.models import resolve_controlnet
 
-            control = load_controlnet(controlnet, dict(loaded.unet.config), allow_pickle=allow_pickle)
-            info.update(controlnet=Path(controlnet).name, controlnet_sha256=sha256_file(Path(control.weights_file)),
-                        controlnet_path=str(controlnet))
+            control_path = resolve_controlnet(str(controlnet))  # a path, or a shipped name (pocket-silhouette)
+            control = load_controlnet(control_path, dict(loaded.unet.config), allow_pickle=allow_pickle)
+            info.update(controlnet=control_path.name, controlnet_sha256=sha256_file(Path(control.weights_file)),
+                        controlnet_path=str(control_path))
         return cls(loaded.unet, loaded.text_encoder, loaded.vae, sun_adapter, device, DTYPES[precision], info,
                    tiny_decoder=tiny, optimize=optimize, controlnet_module=control)
 

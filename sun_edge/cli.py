@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--invert-mask", action="store_true", help="with --mask: repaint where the mask is black")
     e.add_argument("--paste-back", action="store_true", help="with --mask: paste the original pixels back outside the (blurred) mask")
     c = g.add_argument_group("ControlNet")
-    c.add_argument("--controlnet", type=Path, metavar="FILE",
+    c.add_argument("--controlnet", metavar="FILE|NAME",
                    help="with --model: a ControlNet for it (.safetensors in diffusers' or the original control_v11 layout, "
-                        "or a diffusers folder); a bundle carries the one it was exported with")
+                        "a diffusers folder, or a shipped one: pocket-silhouette); a bundle carries its own")
     c.add_argument("--control-image", type=Path, metavar="FILE",
                    help="the ControlNet's condition (edges, depth, pose, ...), fitted to the image size")
     c.add_argument("--control-scale", type=float, metavar="X", help="the ControlNet's weight in [0, 2] (default 1)")

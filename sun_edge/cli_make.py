@@ -101,7 +101,7 @@ def add_export_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParse
     e.add_argument("--vae-decoder", default="full", metavar="full|tiny:PATH",
                    help="tiny:PATH: also export this TAESD decoder (diffusers folder or .safetensors) as vae_decoder_tiny, "
                         "for generate --vae-decoder tiny (onnx target only; default: full, the model's VAE alone)")
-    e.add_argument("--controlnet", type=Path, metavar="FILE",
+    e.add_argument("--controlnet", metavar="FILE|NAME",
                    help="also export this ControlNet (.safetensors or diffusers folder) as its own graph, and the UNet "
                         "graphs with its residual inputs (onnx, tensorrt)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
