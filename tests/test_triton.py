@@ -364,3 +364,36 @@ def test_serve_triton_answers_webuiapi(triton, generated, tmp_path):
         assert status == 200 and "triton" in json.dumps(info)
     finally:
         assert server.terminate() == 0, server.log()
+
+
+def test_triton_command_checks_its_repository_and_prints_the_ngc_command(tmp_path, capsys):
+    from sun_edge.triton_server import NGC_IMAGE, ngc_command, server_env, find_install
+
+    assert main(["triton", "--repo", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip().endswith("is not a folder; write one with sun-edge export --target triton")
+    (tmp_path / "empty").mkdir()
+    assert main(["triton", "--repo", str(tmp_path / "empty")]) == 2
+    assert "holds no model (no */config.pbtxt)" in capsys.readouterr().err
+    assert main(["triton", "--repo", str(tmp_path), "--http-port", "70000"]) == 2
+    assert "--http-port 70000 is outside [0, 65535]" in capsys.readouterr().err
+    command = ngc_command(tmp_path, http_port=9000)
+    assert NGC_IMAGE == "nvcr.io/nvidia/tritonserver:24.10-py3" and NGC_IMAGE in command
+    assert f"{tmp_path.resolve()}:/models" in command and "-p 9000:8000" in command and "numpy<2" in command
+    try:
+        install = find_install()
+    except SunEdgeError:
+        pytest.skip("nvidia-pytriton is not installed")
+    env = server_env(install, {"LD_LIBRARY_PATH": "/x"}, stub_numpy=tmp_path / "np1")
+    import sysconfig
+
+    paths = env["LD_LIBRARY_PATH"].split(":")
+    assert paths[0] == sysconfig.get_config_var("LIBDIR") and paths[-1] == "/x"  # this Python's libpython first
+    assert str(install.libs) in paths and install.libs.is_dir()
+
+
+def test_serve_triton_flags_are_checked_before_anything_starts(tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    assert main(["serve", "--triton", "ftp://host:1"]) == 2
+    assert "give http://HOST:PORT" in capsys.readouterr().err
+    assert main(["serve", "--triton", "http://127.0.0.1:8000", "--bundle", str(tmp_path)]) == 2
+    assert "--triton serves the bundle in Triton's model repository" in capsys.readouterr().err
