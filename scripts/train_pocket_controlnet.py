@@ -14,8 +14,9 @@ stderr every 25 steps. On the shared 2-core CPU, ``--threads 1`` (the default he
 
 The shipped sun_edge/data/pocket/controlnet-silhouette/ came from (docs/pocket.md):
 
-    nohup python scripts/train_pocket_controlnet.py /tmp/pocket-cn --steps 2000 --time-box 2100 \\
-        > /tmp/pocket-cn.log 2>&1 &
+    nohup python scripts/train_pocket_controlnet.py /tmp/pocket-cn --steps 2000 --images 4000 \\
+        --time-box 2700 > /tmp/pocket-cn.log 2>&1 &      # stopped by its time box at step N
+    python scripts/train_pocket_controlnet.py /tmp/pocket-cn --steps N --images 4000   # writes the folder
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                     "condition": "world.object_mask of the plain render (the scene's silhouette), white on black, "
                                  "64x64 RGB in [0, 1]",
                     "parameters": parameters, **{k: v for k, v in record.items() if k != "threads"},
-                    "device": f"CPU, {args.threads} torch thread(s)"}
+                    "device": f"CPU, {args.threads} torch thread(s)",
+                    "runs": [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]}
             save_controlnet(controlnet, target, info)
             print(f"controlnet: wrote {target}", file=sys.stderr)
     else:

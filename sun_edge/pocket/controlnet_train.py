@@ -152,7 +152,7 @@ class ControlResult:
     start_step: int  # where this run started (0, or the checkpoint it resumed from)
     batch_size: int
     seconds: float  # training wall clock, all runs
-    seconds_per_step: float  # this run's
+    seconds_per_step: float  # all runs
     loss_first: float  # mean over the first tenth of all steps (at least 1, at most 100)
     final_loss: float  # mean over the last tenth
     losses: tuple[float, ...]
@@ -180,6 +180,8 @@ def train_controlnet(controlnet: nn.Module, unet: nn.Module, text_encoder: nn.Mo
     losses: list[float] = []
     start, before = 0, 0.0
     ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         controlnet.load_state_dict(state["controlnet"])
@@ -215,7 +217,7 @@ def train_controlnet(controlnet: nn.Module, unet: nn.Module, text_encoder: nn.Mo
     controlnet.eval().requires_grad_(False)
     k = max(1, min(100, len(losses) // 10))
     return ControlResult(step, start, config.batch_size, round(before + elapsed, 2),
-                         round(elapsed / max(1, step - start), 4), float(np.mean(losses[:k])) if losses else float("nan"),
+                         round((before + elapsed) / max(1, step), 4), float(np.mean(losses[:k])) if losses else float("nan"),
                          float(np.mean(losses[-k:])) if losses else float("nan"), tuple(losses))
 
 
