@@ -82,7 +82,8 @@ def cmd_triton(args: argparse.Namespace) -> int:
                                 metrics_port=args.metrics_port, backend_dir=args.backend_dir, wait=args.ready_timeout_s)
     print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}")
     print(f"  sun-edge serve --triton {server.http_url}   (A1111, OpenAI and native APIs in front of it)")
-    print("on NVIDIA GPUs, the same repository in the NGC container:\n  "
+    print("on NVIDIA GPUs, the same repository in the NGC container (sun-edge from your wheel or index; a derived "
+          "image is better: docs/deploy.md):\n  "
           + ngc_command(args.repo, http_port=server.http_port, grpc_port=server.grpc_port, metrics_port=server.metrics_port))
     sys.stdout.flush()
 

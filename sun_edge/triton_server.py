@@ -283,8 +283,8 @@ def ngc_command(repo: Path | str, *, http_port: int = 8000, grpc_port: int = 800
 
     ``numpy<2``: the container's Python backend stub has NumPy 1's ABI too (module docstring)."""
     repo = Path(repo).resolve()
-    inner = (f"pip install '{packages}' 'numpy<2' && tritonserver --model-repository /models "
-             "--disable-auto-complete-config --strict-readiness true")
+    inner = (f'pip install "{packages}" "numpy<2" && tritonserver --model-repository /models '
+             '--disable-auto-complete-config --strict-readiness true')
     return shlex.join(["docker", "run", "--rm", f"--gpus={gpus}", "--shm-size=1g",
                        "-p", f"{http_port}:8000", "-p", f"{grpc_port}:8001", "-p", f"{metrics_port}:8002",
                        "-v", f"{repo}:/models", NGC_IMAGE, "bash", "-c", inner])
