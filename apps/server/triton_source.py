@@ -139,7 +139,8 @@ class RemoteRuntime:
                      "adapter_sha256": adapter.get("sha256"), "triton": url}
 
     def has(self, component: str) -> bool:
-        return component in self.manifest.components
+        """The components the Triton model uses: text to image (so the APIs refuse edits before queueing them)."""
+        return component in self.manifest.components and component not in ("vae_encoder", "controlnet")
 
 
 class TritonPipeline:
