@@ -10,7 +10,7 @@ import io
 import struct
 import time
 import zlib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -266,17 +266,6 @@ def test_the_engine_batches_jobs_with_their_own_images_when_settings_are_equal()
 
 # --- over HTTP on pocket-base
 
-def _controlnets() -> bool:
-    import inspect
-
-    from sun_edge.pipeline import Job
-    from sun_edge.runtimes.pytorch import TorchRuntime
-
-    return "control_image" in {f.name for f in fields(Job)} and "controlnet" in inspect.signature(TorchRuntime.load).parameters
-
-
-CONTROLNETS = _controlnets()
-needs_controlnet = pytest.mark.skipif(not CONTROLNETS, reason="the library loads no ControlNet yet")
 
 
 def test_a_text_only_pipeline_refuses_edits_in_one_line():
@@ -323,8 +312,6 @@ def random_controlnet(path):
 
 @pytest.fixture(scope="module")
 def controlnet_file(tmp_path_factory):
-    if not CONTROLNETS:
-        return None  # the img2img tests run on a server without one
     return random_controlnet(tmp_path_factory.mktemp("controlnet") / "pocket-random-controlnet.safetensors")
 
 
@@ -332,7 +319,7 @@ def controlnet_file(tmp_path_factory):
 def server(tmp_path_factory, controlnet_file):
     folder = tmp_path_factory.mktemp("serve-img2img")
     s = Server(folder / "serve.log", "--max-batch", "8", "--batch-window-ms", "150", "--threads", "1",
-               *(["--controlnet", str(controlnet_file)] if controlnet_file else []))
+               "--controlnet", str(controlnet_file))
     try:
         yield s.wait_ready()
     finally:
@@ -348,8 +335,8 @@ def pipeline(controlnet_file):
     from sun_edge.runtimes.pytorch import TorchRuntime
 
     torch.set_num_threads(1)
-    extra = {"controlnet": controlnet_file} if controlnet_file else {}
-    return Pipeline(TorchRuntime.load("pocket-base", None, device="cpu", precision="fp32", optimize="none", **extra))
+    return Pipeline(TorchRuntime.load("pocket-base", None, device="cpu", precision="fp32", optimize="none",
+                                      controlnet=controlnet_file))
 
 
 def reference(pipeline, seeds, **kw) -> list[Any]:
@@ -402,7 +389,6 @@ def test_img2img_and_inpainting_through_webuiapi(server, pipeline):
     assert np.array_equal(array(inverted.images[0]), array(want[0].image))
 
 
-@needs_controlnet
 def test_controlnet_through_webuiapi(server, pipeline):
     webuiapi = pytest.importorskip("webuiapi")
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
@@ -463,10 +449,9 @@ BAD_HTTP = [  # body changes, status, words of the one line
     ({"mask": b64(square_mask()), "inpaint_full_res": True}, 422, ["inpaint_full_res", "not supported"]),
     ({"init_images": []}, 422, ["init_images is required"]),
     ({"width": 100}, 422, ["width 100", "multiples of 8"]),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"model": "control_v11p_sd15_canny"}]}}}, 422,
+     ["'control_v11p_sd15_canny' is not loaded"]),
 ]
-if CONTROLNETS:
-    BAD_HTTP.append(({"alwayson_scripts": {"controlnet": {"args": [{"model": "control_v11p_sd15_canny"}]}}}, 422,
-                     ["'control_v11p_sd15_canny' is not loaded"]))
 
 
 @pytest.mark.parametrize("change, status, words", BAD_HTTP, ids=[str(i) for i in range(len(BAD_HTTP))])

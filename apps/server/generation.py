@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,6 @@ def edit_settings(engine: Engine, edit: Edit, settings: Settings) -> Settings:
     if edit.control and not source.runtime.has("controlnet"):
         raise ApiError(422, "this server loads no ControlNet (start it with sun-edge serve --controlnet FILE); drop "
                             "alwayson_scripts.controlnet", "alwayson_scripts")
-    if edit.control and "control_image" not in {f.name for f in fields(Job)}:
-        raise ApiError(501, "this sun-edge library has no ControlNet yet; upgrade sun-edge", kind="server_error")
     edited = edit.settings(settings)
     try:
         edited.validate()
