@@ -72,20 +72,40 @@ def test_shipped_controlnet_has_pocket_base_architecture(base, shipped):
     assert float(shipped.controlnet_mid_block.weight.abs().max()) > 1e-3
 
 
-def test_controlnet_puts_the_shapes_where_the_condition_does(shipped):
-    from sun_edge.pocket.controlnet_eval import METHODS, generate, placement, test_cases
+@pytest.fixture(scope="module")
+def runtimes():
+    """pocket-base alone, and with the shipped ControlNet through the library (``TorchRuntime.load(controlnet=...)``)."""
     from sun_edge.runtimes.pytorch import TorchRuntime
 
-    runtime = TorchRuntime.load("pocket-base")
+    return TorchRuntime.load("pocket-base"), TorchRuntime.load("pocket-base", controlnet=resolve_controlnet("pocket-silhouette"))
+
+
+def test_controlnet_puts_the_shapes_where_the_condition_does(runtimes, shipped):
+    from dataclasses import replace
+
+    from sun_edge.pocket.controlnet_eval import METHODS, generate, placement, test_cases
+
+    plain, controlled = runtimes
     settings = METHODS["sun4"][1]
     cases = test_cases(CASES)
-    with_cn = [placement(generate(runtime, shipped, c, settings), c.mask) for c in cases]
-    without = [placement(generate(runtime, None, c, settings), c.mask) for c in cases]
+    with_cn = [placement(generate(controlled, shipped, c, settings, library=True), c.mask) for c in cases]
+    without = [placement(generate(plain, None, c, settings), c.mask) for c in cases]
     assert min(with_cn) > max(without), (with_cn, without)
     assert np.mean(with_cn) > 0.5 and np.mean(with_cn) > np.mean(without) + 0.3, (with_cn, without)
     # control scale 0 is no ControlNet: the same image as the plain pipeline's
-    zero = generate(runtime, shipped, cases[0], settings, scale=0.0)
-    np.testing.assert_array_equal(zero, generate(runtime, None, cases[0], settings))
+    zero = generate(controlled, shipped, cases[0], settings, scale=0.0, library=True)
+    np.testing.assert_array_equal(zero, generate(plain, None, cases[0], settings))
+
+
+def test_library_pipeline_equals_the_residual_wrapper(runtimes, shipped):
+    """The library's ControlNet path against controlnet_eval.ControlledRuntime (diffusers' residual arguments)."""
+    from sun_edge.pocket.controlnet_eval import METHODS, generate, test_cases
+
+    plain, controlled = runtimes
+    case = test_cases(1)[0]
+    ours = generate(plain, shipped, case, METHODS["sun4"][1], scale=0.7)
+    library = generate(controlled, shipped, case, METHODS["sun4"][1], scale=0.7, library=True)
+    assert np.abs(ours.astype(int) - library.astype(int)).max() <= 1
 
 
 @pytest.fixture(scope="module")
