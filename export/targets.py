@@ -46,6 +46,11 @@ class Thresholds:
     # (the 4-step chain with the ControlNet's residuals in every step). Defaults: the fp32 floors.
     controlnet: float = 40.0
     image_controlnet: float = 40.0
+    # img2img (strength 0.5 from the reference's own image) and inpainting (its right half repainted by blending;
+    # an inpainting UNet: with its mask and masked-image inputs): the chain with the VAE encoder in front, held
+    # as the text-to-image image is. Defaults: the fp32 floors.
+    image_img2img: float = 40.0
+    image_inpaint: float = 40.0
 
 
 ROWS: tuple[str, ...] = tuple(f.name for f in fields(Thresholds))
@@ -53,7 +58,8 @@ ROWS: tuple[str, ...] = tuple(f.name for f in fields(Thresholds))
 ONNX_FP32 = Thresholds(text_encoder=60.0, unet=40.0, unet_plain=40.0, vae_decoder=45.0, vae_encoder=45.0,
                        vae_decoder_tiny=45.0, image=40.0)
 ONNX_FP16 = Thresholds(text_encoder=40.0, unet=35.0, unet_plain=35.0, vae_decoder=35.0, vae_encoder=35.0,
-                       vae_decoder_tiny=35.0, image=30.0, controlnet=35.0, image_controlnet=30.0)
+                       vae_decoder_tiny=35.0, image=30.0, controlnet=35.0, image_controlnet=30.0, image_img2img=30.0,
+                       image_inpaint=30.0)
 
 # Core ML: the ONNX floors (measured on Linux through the NumPy MIL evaluator, which rounds every op
 # to the program's float16: the tiny model's fp16 bundle gives 59-69 dB and its float32 VAE 131 dB; the
@@ -69,7 +75,8 @@ COREML_FP16 = ONNX_FP16
 
 def _palettized(nbits: int) -> Thresholds:
     return replace(COREML_FP16, text_encoder=6.0 * nbits - 12.0, unet=6.0 * nbits - 6.0, unet_plain=6.0 * nbits - 6.0,
-                   image=6.0 * nbits - 12.0, image_controlnet=6.0 * nbits - 12.0)
+                   image=6.0 * nbits - 12.0, image_controlnet=6.0 * nbits - 12.0, image_img2img=6.0 * nbits - 12.0,
+                   image_inpaint=6.0 * nbits - 12.0)
 
 
 COREML_FP16_PAL8 = _palettized(8)
@@ -84,7 +91,8 @@ COREML_FP16_PAL3 = _palettized(3)
 # Floors 5-10 dB under that, and the image held to the 30 dB (4 8-bit levels) of every fp16 target.
 # f16 (Intel GPUs, NPUs) has fp16's mantissa: the ONNX fp16 floors.
 OPENVINO_BF16 = Thresholds(text_encoder=35.0, unet=30.0, unet_plain=30.0, vae_decoder=30.0, vae_encoder=30.0,
-                           vae_decoder_tiny=30.0, image=30.0, controlnet=30.0, image_controlnet=30.0)
+                           vae_decoder_tiny=30.0, image=30.0, controlnet=30.0, image_controlnet=30.0,
+                           image_img2img=30.0, image_inpaint=30.0)
 OPENVINO_F16 = ONNX_FP16
 
 

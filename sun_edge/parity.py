@@ -9,7 +9,10 @@ reference makes an image, never on random tensors alone:
   trailing: t = 999, 749, 499, 249), with the reference's text embeddings, fed identically to both;
 - ``unet_plain``: the same steps as the CFG batch of 2 (``[x, x]``, t, ``[neg, pos]``);
 - ``vae_decoder`` (and ``vae_decoder_tiny``, TAESD): the reference's final latents;
-- ``vae_encoder``: the reference's decoded image;
+- ``vae_encoder``: the reference's decoded image (the posterior's mean, and its std where both have it);
+- ``image_img2img``, ``image_inpaint``: the whole pipeline on each runtime from the reference's decoded
+  image, img2img at strength 0.5 and inpainting its right half at 0.75 (an inpainting UNet with its
+  mask and masked-image inputs), compared as ``image`` is;
 - ``image``: the whole 4-step pipeline on each runtime from the same seed, compared as float images
   in [-1, 1] (before 8-bit quantization, so differences below one 8-bit level still count);
 - with a ControlNet on both sides (``control_condition``: a ring and a box drawn as an edge map):
@@ -27,17 +30,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from sun_edge import sampling
+from sun_edge import imaging, sampling
 from sun_edge.errors import SunEdgeError
 from sun_edge.components import Runtime
 from sun_edge.export.targets import ROWS, parity_threshold, runtime_precision
 from sun_edge.export.targets import target as export_target
-from sun_edge.pipeline import Pipeline, Settings
+from sun_edge.pipeline import Job, Pipeline, Settings
 from sun_edge.tokenizer import CLIPTokenizer
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, sharp focus"
@@ -47,7 +51,9 @@ INPUTS_NOTE = ("text_encoder: the tokenized prompt and negative prompt; unet, un
                "reference's own SUN trajectory with its text embeddings; vae_decoder(_tiny): its final latents; "
                "vae_encoder: its decoded image; image: the pipeline on each runtime, float images in [-1, 1] "
                "before 8-bit quantization, full VAE decoder; with a ControlNet: controlnet along the reference's "
-               "ControlNet trajectory (and as the CFG pair), unet again with its residuals, image_controlnet")
+               "ControlNet trajectory (and as the CFG pair), unet again with its residuals, image_controlnet; "
+               "image_img2img, image_inpaint: the pipeline from the reference's decoded image (strength 0.5; the "
+               "right half repainted at 0.75)")
 
 
 def psnr(ref: np.ndarray, out: np.ndarray) -> float:
@@ -71,6 +77,9 @@ def max_abs(ref: np.ndarray, out: np.ndarray) -> float:
 
 COMPONENTS: tuple[str, ...] = ROWS  # parity rows: every component of the table, then the whole image
 CONTROL_ROWS = ("controlnet", "image_controlnet")  # reported only where a side has a ControlNet
+EDIT_ROWS = ("image_img2img", "image_inpaint")  # the SUN pipeline from an image: needs the VAE encoder
+IMG2IMG_STRENGTH = 0.5  # parity's img2img: the tail [499, 249] of SUN's grid
+INPAINT_STRENGTH = 0.75
 
 
 def threshold(component: str, precision: str, target: str = "onnx") -> float:
@@ -161,6 +170,8 @@ def has_component(runtime: Runtime, row: str) -> bool:
     the SUN pipeline with the ControlNet)."""
     if row == "image_controlnet":
         return runtime.has("unet") and runtime.has("controlnet")
+    if row in EDIT_ROWS:
+        return runtime.has("unet") and runtime.has("vae_encoder") and _samples_posterior(runtime)
     return runtime.has("unet" if row == "image" else row)
 
 
@@ -210,6 +221,36 @@ def pipeline_image(pipe: Pipeline, prompt: str, negative_prompt: str, seed: int,
     eps_fn = pipe.eps_fn(pos, neg, settings, control) if control is not None else pipe.eps_fn(pos, neg, settings)
     latents = sampling.sample(eps_fn, pipe.initial_latents(seed, settings),
                               steps=settings.steps, scheduler=settings.scheduler, spacing=settings.spacing)
+    return pipe.runtime.decode_full(latents.astype(np.float32))
+
+
+def _samples_posterior(runtime: Runtime) -> bool:
+    """Whether a runtime's VAE encoder returns the posterior's std (a bundle exported before it has the mean alone)."""
+    manifest = getattr(runtime, "manifest", None)  # bundle runtimes; the PyTorch reference always has it
+    return manifest is None or len(manifest.components["vae_encoder"].outputs) > 1
+
+
+def parity_mask(width: int, height: int) -> Image.Image:
+    """The parity's inpainting mask: the right half white (repaint)."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[:, width // 2:] = 255
+    return Image.fromarray(mask, "L")
+
+
+def edit_image(pipe: Pipeline, prompt: str, negative_prompt: str, seed: int, settings: Settings, init: Image.Image,
+               row: str) -> np.ndarray:
+    """``Pipeline.generate``'s img2img (``image_img2img``) or inpainting (``image_inpaint``) computation from ``init``,
+    up to the float image [1,3,H,W] in [-1, 1], full VAE decoder."""
+    inpaint = row == "image_inpaint"
+    settings = replace(settings, strength=INPAINT_STRENGTH if inpaint else IMG2IMG_STRENGTH)
+    job = Job(prompt, negative_prompt, seed, init_image=init,
+              mask=parity_mask(init.width, init.height) if inpaint else None)
+    prepared = pipe.prepare_edit(job, settings)
+    pos, neg = pipe.embed(prompt), pipe.embed(negative_prompt)
+    edit = sampling.Edit(prepared.init, settings.strength, prepared.mask.latent if prepared.mask is not None else None)
+    latents = sampling.sample(pipe.eps_fn(pos, neg, settings, condition=prepared.condition),
+                              pipe.initial_latents(seed, settings), steps=settings.steps, scheduler=settings.scheduler,
+                              spacing=settings.spacing, edit=edit)
     return pipe.runtime.decode_full(latents.astype(np.float32))
 
 
@@ -318,6 +359,15 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
                     f"seed {seed}")
         if "vae_encoder" in found:
             measure("vae_encoder", reference.encode(images[seed]), candidate.encode(images[seed]), f"seed {seed}")
+            if EDIT_ROWS[0] in found:  # the posterior's std too (img2img samples mean + std * noise)
+                measure("vae_encoder", reference.encode_dist(images[seed])[1], candidate.encode_dist(images[seed])[1],
+                        f"seed {seed}, posterior std")
+    for row in EDIT_ROWS:
+        if row in found:
+            for seed in seeds:
+                init = imaging.to_pil(images[seed][0])
+                measure(row, edit_image(ref_pipe, prompt, negative_prompt, seed, settings, init, row),
+                        edit_image(cand_pipe, prompt, negative_prompt, seed, settings, init, row), f"seed {seed}")
     if "image" in found:
         for seed in seeds:
             measure("image", images[seed], pipeline_image(cand_pipe, prompt, negative_prompt, seed, settings),
