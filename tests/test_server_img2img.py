@@ -6,6 +6,7 @@ each image equal to the library's ``Pipeline`` with the same settings), with its
 from __future__ import annotations
 
 import base64
+import json
 import io
 import struct
 import time
@@ -564,3 +565,36 @@ def test_a_controlnet_that_does_not_exist_stops_the_server_with_status_2(tmp_pat
     code, _, err = run(capsys, "serve", "--bundle", str(tmp_path), "--controlnet", "pocket-silhouette")
     assert code == 2 and error_line(err).endswith("--controlnet is exported into a bundle (sun-edge export "
                                                   "--controlnet FILE); drop it with --bundle")
+
+
+def test_the_shipped_pocket_controlnet_by_name(tmp_path):
+    """``serve --controlnet pocket-silhouette``: requests may name it by its registry name, and get the library's
+    image for that ControlNet and condition (a white disc on black, the silhouettes it was trained on)."""
+    import torch
+
+    from sun_edge.models import resolve_controlnet
+    from sun_edge.pipeline import Pipeline
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    disc = np.zeros((64, 64), np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    disc[(yy - 30) ** 2 + (xx - 36) ** 2 < 15**2] = 255
+    condition = Image.fromarray(disc).convert("RGB")
+    s = Server(tmp_path / "serve.log", "--threads", "1", "--controlnet", "pocket-silhouette")
+    try:
+        s.wait_ready()
+        title = s.json("GET", "/controlnet/model_list")[1]["model_list"][0]
+        assert title.startswith("controlnet-silhouette [")
+        body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 8, "steps": 4, "width": 64, "height": 64,
+                "alwayson_scripts": {"controlnet": {"args": [{"image": b64(condition), "model": "pocket-silhouette",
+                                                              "module": "none", "weight": 1.0}]}}}
+        status, answer = s.json("POST", "/sdapi/v1/txt2img", body)
+        assert status == 200, answer
+    finally:
+        assert s.terminate() == 0, s.log()
+    torch.set_num_threads(1)
+    runtime = TorchRuntime.load("pocket-base", None, device="cpu", precision="fp32", optimize="none",
+                                controlnet=resolve_controlnet("pocket-silhouette"))
+    want = reference(Pipeline(runtime), [8], control_image=condition)[0]
+    assert np.array_equal(pixels(base64.b64decode(answer["images"][0])), array(want.image))
+    assert json.loads(answer["info"])["infotexts"] == [want.parameters] and title in want.parameters

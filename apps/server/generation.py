@@ -74,8 +74,11 @@ def controlnet_title(source: Any) -> tuple[str | None, tuple[str, ...]]:
     name = source.runtime.info.get("controlnet") if source.runtime.has("controlnet") else None
     if not name:
         return None, ()
+    from sun_edge.models import CONTROLNETS
+
     sha, stem = source.runtime.info.get("controlnet_sha256"), Path(str(name)).stem
-    return (f"{stem} [{sha[:8]}]" if sha else stem), (str(name), stem)
+    shipped = tuple(entry.name for entry in CONTROLNETS.values() if entry.folder == str(name))  # pocket-silhouette
+    return (f"{stem} [{sha[:8]}]" if sha else stem), (str(name), stem, *shipped)
 
 
 def settings_for(engine: Engine, spec: Spec) -> Settings:
