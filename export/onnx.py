@@ -125,9 +125,8 @@ def _as_signature(module: nn.Module, per_input: list[Any]) -> tuple[Any, ...]:
 
     params = inspect.signature(module.forward).parameters.values()
     fixed = sum(p.kind is not inspect.Parameter.VAR_POSITIONAL for p in params)
-    rest = per_input[fixed:]
-    return (*per_input[:fixed], tuple(rest)) if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params) \
-        else tuple(per_input)
+    rest = per_input[fixed:]  # a graph without a ControlNet passes no residuals: no tuple argument at all
+    return (*per_input[:fixed], tuple(rest)) if rest else tuple(per_input)
 
 
 def convert(graph: Plan, directory: Path, *, external_data_bytes: int = graphs.EXTERNAL_DATA_BYTES,
