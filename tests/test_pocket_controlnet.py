@@ -74,15 +74,14 @@ def test_shipped_controlnet_has_pocket_base_architecture(base, shipped):
 
 @pytest.fixture(scope="module")
 def runtimes():
-    """pocket-base alone, and with the shipped ControlNet through the library (``TorchRuntime.load(controlnet=...)``)."""
+    """pocket-base alone, and with the shipped ControlNet through the library (``TorchRuntime.load(controlnet=)``)."""
     from sun_edge.runtimes.pytorch import TorchRuntime
 
-    return TorchRuntime.load("pocket-base"), TorchRuntime.load("pocket-base", controlnet=resolve_controlnet("pocket-silhouette"))
+    controlled = TorchRuntime.load("pocket-base", controlnet=resolve_controlnet("pocket-silhouette"))
+    return TorchRuntime.load("pocket-base"), controlled
 
 
 def test_controlnet_puts_the_shapes_where_the_condition_does(runtimes, shipped):
-    from dataclasses import replace
-
     from sun_edge.pocket.controlnet_eval import METHODS, generate, placement, test_cases
 
     plain, controlled = runtimes

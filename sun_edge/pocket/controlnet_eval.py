@@ -77,6 +77,10 @@ def placement(image: np.ndarray, mask: np.ndarray) -> float:
     return iou(object_mask(image), mask)
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, np.float32))
+
+
 class ControlledRuntime:
     """A PyTorch runtime whose UNet calls add a ControlNet's residuals for one fixed condition image.
 
@@ -102,7 +106,7 @@ class ControlledRuntime:
 
     @torch.no_grad()
     def unet(self, latents: np.ndarray, t: np.ndarray | float, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-        x, tt, p, n = (torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in (latents, np.asarray(t).reshape(-1)[:1], pos, neg))
+        x, tt, p, n = (_tensor(a) for a in (latents, np.asarray(t).reshape(-1)[:1], pos, neg))
         unet = self._runtime.sun_unet.unet
         context = torch.cat([p, n], dim=1)  # [B, 154, D]
         eps = unet(x, tt, context, **self._residuals(x, tt, context), return_dict=False)[0]
@@ -110,7 +114,7 @@ class ControlledRuntime:
 
     @torch.no_grad()
     def unet_plain(self, latents: np.ndarray, t: np.ndarray | float, emb: np.ndarray) -> np.ndarray:
-        x, tt, e = (torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in (latents, np.asarray(t).reshape(-1)[:1], emb))
+        x, tt, e = (_tensor(a) for a in (latents, np.asarray(t).reshape(-1)[:1], emb))
         residuals = self._residuals(x, tt, torch.cat([e, e], dim=1))  # [2B, 154, D]
         eps = self._runtime.sun_unet.unet(x, tt, e, **residuals, return_dict=False)[0]
         return eps.float().numpy()

@@ -216,9 +216,9 @@ def train_controlnet(controlnet: nn.Module, unet: nn.Module, text_encoder: nn.Mo
     elapsed = time.perf_counter() - clock
     controlnet.eval().requires_grad_(False)
     k = max(1, min(100, len(losses) // 10))
+    first, last = (float(np.mean(part)) if losses else float("nan") for part in (losses[:k], losses[-k:]))
     return ControlResult(step, start, config.batch_size, round(before + elapsed, 2),
-                         round((before + elapsed) / max(1, step), 4), float(np.mean(losses[:k])) if losses else float("nan"),
-                         float(np.mean(losses[-k:])) if losses else float("nan"), tuple(losses))
+                         round((before + elapsed) / max(1, step), 4), first, last, tuple(losses))
 
 
 def save_controlnet(controlnet: nn.Module, folder: Path, info: dict[str, Any]) -> Path:
