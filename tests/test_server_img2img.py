@@ -400,15 +400,18 @@ def test_controlnet_through_webuiapi(server, pipeline):
     info = server.json("GET", "/v1/info")[1]
     assert info["controlnet"] == models[0] and info["img2img"] is True
     unit = webuiapi.ControlNetUnit(image=condition, model=models[0], weight=0.8)
+    # A fresh alwayson_scripts each call: webuiapi adds the units to the dict it is given, and its default
+    # is one shared dict, so later calls in this process would carry them.
     result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=6, width=64, height=64, steps=4,
-                         controlnet_units=[unit])
+                         controlnet_units=[unit], alwayson_scripts={})
     want = reference(pipeline, [6], control_scale=0.8, control_image=condition)[0]
     assert np.array_equal(array(result.images[0]), array(want.image))
     assert result.info["infotexts"] == [want.parameters] and "ControlNet 0" in want.parameters
     plain = reference(pipeline, [6])[0]
     assert not np.array_equal(array(want.image), array(plain.image))  # the ControlNet changed the picture
     result = api.img2img(images=[init], denoising_strength=0.6, prompt=PROMPT, negative_prompt=NEGATIVE, seed=6,
-                         width=64, height=64, steps=4, controlnet_units=[webuiapi.ControlNetUnit(model=models[0])])
+                         width=64, height=64, steps=4, controlnet_units=[webuiapi.ControlNetUnit(model=models[0])],
+                         alwayson_scripts={})
     want = reference(pipeline, [6], strength=0.6, init_image=init, control_image=init)[0]  # conditioned on the init
     assert np.array_equal(array(result.images[0]), array(want.image))
 
