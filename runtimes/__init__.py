@@ -46,13 +46,14 @@ RUNTIMES: Mapping[str, RuntimeEntry] = MappingProxyType({e.name: e for e in (
                  "the NumPy MIL evaluator: Core ML programs off macOS, slow, for checking"),
     RuntimeEntry("tensorrt", "sun_edge.runtimes.tensorrt", "TensorRTRuntime", ("tensorrt",), {"cuda_graphs": True},
                  "TensorRT engines (after sun-edge build-engines)"),
-    RuntimeEntry("openvino", "sun_edge.runtimes.openvino", "OpenVinoRuntime", ("onnx",),
+    RuntimeEntry("openvino", "sun_edge.runtimes.openvino", "OpenVinoRuntime", ("onnx", "openvino"),
                  {"ov_device": "CPU", "ov_precision": None, "ov_cache_dir": None, "vae_decoder": "full"},
-                 "OpenVINO on Intel CPUs (bf16 on AMX/AVX512-BF16), GPUs and NPUs, reading ONNX bundles"),
+                 "OpenVINO on Intel CPUs (bf16 on AMX/AVX512-BF16), GPUs and NPUs, reading ONNX and IR bundles"),
 )})
 
 # bundle target -> the runtime that runs it unless another is asked for
-BUNDLE_RUNTIMES: Mapping[str, str] = MappingProxyType({"onnx": "onnxruntime", "coreml": "coreml", "tensorrt": "tensorrt"})
+BUNDLE_RUNTIMES: Mapping[str, str] = MappingProxyType({"onnx": "onnxruntime", "coreml": "coreml", "tensorrt": "tensorrt",
+                                                       "openvino": "openvino"})
 
 
 def runtime_entry(name: str) -> RuntimeEntry:

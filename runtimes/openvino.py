@@ -1,4 +1,4 @@
-"""The OpenVINO runtime: the runtime protocol over an ONNX bundle's graphs on Intel CPUs, GPUs and NPUs.
+"""The OpenVINO runtime: the runtime protocol over an ONNX or OpenVINO IR bundle on Intel CPUs, GPUs and NPUs.
 
     from sun_edge import Pipeline
     from sun_edge.runtimes.openvino import OpenVinoRuntime
@@ -6,7 +6,9 @@
     runtime = OpenVinoRuntime.open("toonyou-onnx", ov_device="CPU", ov_cache_dir="~/.cache/ov")
     images = Pipeline(runtime, runtime.tokenizer()).generate("a cat", "blurry")
 
-OpenVINO reads the bundle's ``.onnx`` files as they are (no conversion step, no PyTorch). Each
+OpenVINO reads an ONNX bundle's ``.onnx`` files as they are (no conversion step, no PyTorch), and
+the ``.xml``/``.bin`` IR of a bundle exported with ``--target openvino`` (``sun_edge.export.openvino``:
+fp16-compressed or int8 weights, decompressed to the inference precision at compile). Each
 component is compiled on first use for ``ov_device`` (``CPU``, ``GPU``, ``NPU``, ``AUTO``, or an
 indexed ``GPU.1``) at one inference precision, ``ov_precision``:
 
@@ -31,8 +33,12 @@ by its files' sha256 (from the manifest), since OpenVINO's own cache key does no
 ONNX graph's external weights file.
 
 Shapes are the bundle's: static batch 1, and a free batch where the manifest declares one
-(``unet_plain``: 1 or 2), compiled once per batch size called, as a static shape. Declared I/O is checked against the
-manifest at compile time and every input on every call, as for ONNX Runtime.
+(``unet_plain``: the CFG pair, 1..2N; every graph of a batch-range bundle: 1..N). A free batch is
+compiled once, with its batch dimension bounded to that range (``ov.Dimension(1, max)``), and
+serves every batch size: one compiled model per component, where compiling one static model per
+batch size held a copy of the UNet's weights for each (20.9 GB at full size). The graph read for
+compiling is dropped once compiled. Declared I/O is checked against the manifest at compile time
+and every input on every call, as for ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -106,7 +112,7 @@ class OpenVinoRuntime(GraphRuntime):
     """
 
     name = "openvino"
-    TARGETS = ("onnx",)
+    TARGETS = ("onnx", "openvino")
 
     def __init__(self, bundle: Bundle, ov_device: str = "CPU", ov_precision: Precision | None = None,
                  ov_cache_dir: Path | str | None = None, vae_decoder: Decoder = "full") -> None:
@@ -125,7 +131,7 @@ class OpenVinoRuntime(GraphRuntime):
         else:
             self.precision, self.precision_reason = ov_precision, "asked for"
         self.cache_dir = Path(ov_cache_dir).expanduser() if ov_cache_dir is not None else None
-        self._models: dict[tuple[str, int | None], ov.CompiledModel] = {}  # (component, batch of a free-batch one)
+        self._models: dict[str, ov.CompiledModel] = {}  # component -> its one compiled model
         self.info = self.manifest_info(ov_device=self.device, inference_precision=self.precision or "auto",
                                        precision_reason=self.precision_reason, openvino=ov.__version__)
         self.use_decoder(vae_decoder)
@@ -148,34 +154,40 @@ class OpenVinoRuntime(GraphRuntime):
             config["CACHE_DIR"] = str(folder)
         return config
 
-    def compiled(self, component: str, batch: int | None = None) -> ov.CompiledModel:
+    def free_batch_max(self, component: str) -> int:
+        """The largest batch a free batch dimension of ``component`` takes: the bundle's range (the CFG pair: 2x)."""
+        pair = component in ("unet_plain", "controlnet")
+        return (2 if pair else 1) * int(self.manifest.batch["max"])
+
+    def compiled_models(self) -> dict[str, ov.CompiledModel]:
+        """The compiled models held now, by component (one each at most)."""
+        return dict(self._models)
+
+    def compiled(self, component: str) -> ov.CompiledModel:
         """The component's compiled model, made (or imported from the cache) on first use; I/O checked.
 
-        A component with a free batch (``unet_plain``) is compiled once per batch size it is called
-        with, reshaped to that static batch: OpenVINO's CPU kernels run a static shape faster than a
-        dynamic one (2.8x at the tiny model's size; docs/measurements.md for the full size).
+        A free batch dimension is compiled once, bounded to 1..``free_batch_max`` (module docstring):
+        one model serves every batch size.
         """
-        key = (component, batch)
-        if key in self._models:
-            return self._models[key]
+        if component in self._models:
+            return self._models[component]
         path = self.bundle.file(component)
         try:
-            if batch is None:
-                model = self._core.compile_model(str(path), self.device, self._config(component))
-                declared = (_declared(model.inputs), _declared(model.outputs))
-            else:
-                graph = self._core.read_model(str(path))
-                declared = (_declared(graph.inputs), _declared(graph.outputs))
-                graph.reshape({port.get_any_name(): [d.get_length() if d.is_static else batch
-                                                     for d in port.get_partial_shape()]
-                               for port in graph.inputs if not port.get_partial_shape().is_static})
-                model = self._core.compile_model(graph, self.device, self._config(component))
-                del graph
+            graph = self._core.read_model(str(path))
+            declared = (_declared(graph.inputs), _declared(graph.outputs))
+            free = {port.get_any_name(): port.get_partial_shape() for port in graph.inputs
+                    if not port.get_partial_shape().is_static}
+            if free:
+                top = self.free_batch_max(component)
+                graph.reshape({name: ov.PartialShape([d if d.is_static else ov.Dimension(1, top) for d in shape])
+                               for name, shape in free.items()})
+            model = self._core.compile_model(graph, self.device, self._config(component))
+            del graph  # the read graph (and the weights it holds) is not needed once compiled
         except Exception as e:  # OpenVINO raises RuntimeError with a multi-line trace
             raise SunEdgeError(f"cannot compile {path} with OpenVINO ({self.device}): {_message(e)}") from e
         self.check_declared(component, *declared)
         self._check_precision(component, model)
-        self._models[key] = model
+        self._models[component] = model
         return model
 
     def _check_precision(self, component: str, model: ov.CompiledModel) -> None:
@@ -192,8 +204,7 @@ class OpenVinoRuntime(GraphRuntime):
 
     def release(self, component: str) -> None:
         """Drop the component's compiled model (and its weights); the next call compiles or imports it again."""
-        for key in [k for k in self._models if k[0] == component]:
-            del self._models[key]
+        self._models.pop(component, None)
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""
@@ -207,7 +218,10 @@ class OpenVinoRuntime(GraphRuntime):
             shape = [None if d < 0 else d for d in spec.shape]
             feeds.append(check_input(f"{component} input {spec.name}", array, shape, np.dtype(spec.dtype)))
         free = any(d < 0 for spec in comp.inputs for d in spec.shape)  # the component table's free batch
-        model = self.compiled(component, int(feeds[0].shape[0]) if free else None)
+        if free and feeds[0].shape[0] > self.free_batch_max(component):
+            raise SunEdgeError(f"{component}: batch {feeds[0].shape[0]} is above the bundle's range (at most "
+                               f"{self.free_batch_max(component)}); re-export with a larger --max-batch")
+        model = self.compiled(component)
         try:
             result = model(feeds)
         except Exception as e:

@@ -28,7 +28,7 @@ from typing import Any
 
 from sun_edge.errors import SunEdgeError
 
-_PRECISION = re.compile(r"^(fp32|fp16)(-pal[123468])?$")  # Core ML's palettized weights: fp16-pal6 (1 to 8 bits)
+_PRECISION = re.compile(r"^(fp32|fp16)(-pal[123468])?$|^int8$")  # Core ML's palettized fp16-pal6; OpenVINO's int8 weights
 DTYPES = ("float32", "float16", "int64", "int32")
 INTEGER_DTYPES = ("int64", "int32")  # token ids: int64 (ONNX) or int32 (Core ML)
 MAX_SIDE = 16384  # image pixels per side
@@ -90,7 +90,8 @@ class _Check:
     def precision(self, field: str, value: Any) -> None:
         self.string(field, value)
         if not _PRECISION.match(value):
-            raise self.fail(field, f"is {value!r}; valid values: fp32, fp16, or fp16-palN for N-bit palettized weights")
+            raise self.fail(field, f"is {value!r}; valid values: fp32, fp16, or fp16-palN for N-bit palettized weights "
+                                   "(int8: OpenVINO IR int8 weights)")
 
     def optional(self, field: str, value: Any, kind: type) -> None:
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):

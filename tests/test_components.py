@@ -30,7 +30,7 @@ def test_unknown_names_list_the_valid_ones():
         component("vae")
     with pytest.raises(SunEdgeError, match=r"^unknown runtime 'ort'; valid runtimes: coreml, coreml-mil, onnxruntime, "):
         runtime_entry("ort")
-    with pytest.raises(SunEdgeError, match=r"^unknown export target 'tflite'; valid targets: coreml, onnx, tensorrt$"):
+    with pytest.raises(SunEdgeError, match=r"^unknown export target 'tflite'; valid targets: coreml, onnx, openvino, tensorrt$"):
         target("tflite")
 
 

@@ -94,6 +94,24 @@ def test_batch_of_two_equals_two_single_calls(onnx_fp32_bundle, step, precision)
             assert psnr(singles[k], both[k]) >= parity_threshold("unet_plain", "bf16", "onnx", "openvino")
 
 
+def test_one_compiled_model_per_component_across_batch_sizes(onnx_fp32_bundle, step):
+    """The free-batch CFG UNet is compiled once (batch bounded to 1..2) and serves both sizes; release drops it."""
+    rt = OpenVinoRuntime.open(onnx_fp32_bundle, ov_precision="f32")
+    x1, x2, t, pos, neg = step["x1"], step["x2"], step["t"], step["pos"], step["neg"]
+    one = rt.unet_plain(x1, t, pos)
+    both = rt.unet_plain(np.concatenate([x1, x2]), t, np.concatenate([pos, neg]))
+    rt.unet(x1, t, pos, neg)
+    models = rt.compiled_models()
+    assert set(models) == {"unet_plain", "unet"}
+    batch = models["unet_plain"].inputs[0].get_partial_shape()[0]
+    assert batch.is_dynamic and (batch.get_min_length(), batch.get_max_length()) == (1, 2)
+    np.testing.assert_allclose(both[:1], one, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SunEdgeError, match=r"^unet_plain: batch 3 is above the bundle's range \(at most 2\)"):
+        rt.unet_plain(np.concatenate([x1, x1, x2]), t, np.concatenate([pos, pos, neg]))
+    rt.release("unet_plain")
+    assert set(rt.compiled_models()) == {"unet"}
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_generate_without_torch(onnx_fp32_bundle, tmp_path, precision):
     if precision == "bf16" and not _bf16_native():
@@ -198,7 +216,8 @@ def test_thresholds_follow_the_runtime_precision():
 
 def test_registry_entry():
     entry = RUNTIMES["openvino"]
-    assert (entry.module, entry.cls, entry.targets) == ("sun_edge.runtimes.openvino", "OpenVinoRuntime", ("onnx",))
+    assert (entry.module, entry.cls, entry.targets) == ("sun_edge.runtimes.openvino", "OpenVinoRuntime",
+                                                        ("onnx", "openvino"))
     assert entry.options["ov_device"] == "CPU" and entry.options["ov_precision"] is None
 
 
