@@ -143,3 +143,20 @@ def test_export_refuses_a_controlnet_for_a_target_without_the_graph(tmp_path, co
     with pytest.raises(SunEdgeError, match="--controlnet applies to --target onnx, tensorrt"):
         export("coreml", "tiny-random", tmp_path / "b", controlnet=control_files["ldm"])
 
+
+
+@pytest.mark.parametrize("precision", ["f32"])
+def test_openvino_controlnet_rows_pass_their_floors(bundle, reference, precision):
+    """The same ONNX bundle on OpenVINO: every row, ControlNet's included, at that runtime's floors."""
+    pytest.importorskip("openvino")
+    from sun_edge.bundle import open_bundle
+    from sun_edge.parity import compare_runtimes
+    from sun_edge.pipeline import Settings
+    from sun_edge.runtimes.openvino import OpenVinoRuntime
+
+    opened = open_bundle(bundle)
+    candidate = OpenVinoRuntime(opened, ov_precision=precision)
+    report = compare_runtimes(reference, candidate, precision="fp32", settings=Settings.from_manifest(opened.manifest),
+                              components=("controlnet", "unet", "image_controlnet"))
+    assert report.passed, report.table()
+    assert report.row("controlnet").inputs == 4 * 13 + 13
