@@ -41,7 +41,7 @@ from sun_edge.errors import SunEdgeError
 from sun_edge.components import Runtime
 from sun_edge.export.targets import ROWS, parity_threshold, runtime_precision
 from sun_edge.export.targets import target as export_target
-from sun_edge.pipeline import Job, Pipeline, Settings
+from sun_edge.pipeline import Job, Pipeline, Settings, _with_condition
 from sun_edge.tokenizer import CLIPTokenizer
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, sharp focus"
@@ -201,12 +201,13 @@ def sun_trajectory(pipe: Pipeline, pos: np.ndarray, neg: np.ndarray, seed: int, 
                    control: tuple[np.ndarray, np.ndarray] | None = None) -> Trajectory:
     """Run the pipeline's sampling loop on its runtime and record every (latents, t, eps) of the UNet
     (``control``: with the ControlNet, as ``Pipeline.eps_fn`` takes it)."""
-    eps_fn = pipe.eps_fn(pos, neg, settings, control) if control is not None else pipe.eps_fn(pos, neg, settings)
+    condition = text_condition(pipe, seed, settings)  # an inpainting UNet's mask and masked image (all repainted)
+    eps_fn = _eps_fn(pipe, pos, neg, settings, control, condition)
     steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def record(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
-        eps = eps_fn(latents, t)
-        steps.append((latents.copy(), np.array(t, copy=True), np.array(eps, copy=True)))
+        eps = eps_fn(latents, t)  # the UNet's own sample is recorded: [1,9,h,w] for an inpainting UNet
+        steps.append((_with_condition(latents, condition).copy(), np.array(t, copy=True), np.array(eps, copy=True)))
         return eps
 
     final = sampling.sample(record, pipe.initial_latents(seed, settings), steps=settings.steps,
@@ -218,10 +219,23 @@ def pipeline_image(pipe: Pipeline, prompt: str, negative_prompt: str, seed: int,
                    control: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``Pipeline.generate``'s computation up to the float image [1,3,H,W] in [-1, 1], full VAE decoder."""
     pos, neg = pipe.embed(prompt), pipe.embed(negative_prompt)
-    eps_fn = pipe.eps_fn(pos, neg, settings, control) if control is not None else pipe.eps_fn(pos, neg, settings)
+    eps_fn = _eps_fn(pipe, pos, neg, settings, control, text_condition(pipe, seed, settings))
     latents = sampling.sample(eps_fn, pipe.initial_latents(seed, settings),
                               steps=settings.steps, scheduler=settings.scheduler, spacing=settings.spacing)
     return pipe.runtime.decode_full(latents.astype(np.float32))
+
+
+def text_condition(pipe: Pipeline, seed: int, settings: Settings) -> np.ndarray | None:
+    """What ``Pipeline.generate`` feeds an inpainting UNet from text alone (mask 1, masked image grey) [1,5,h,w];
+    None for an ordinary UNet."""
+    return pipe.prepare_edit(Job("", "", seed), settings).condition if pipe.inpainting_unet else None
+
+
+def _eps_fn(pipe: Pipeline, pos: np.ndarray, neg: np.ndarray, settings: Settings,
+            control: tuple[np.ndarray, np.ndarray] | None, condition: np.ndarray | None) -> Any:
+    extra = {"condition": condition} if condition is not None else {}
+    return pipe.eps_fn(pos, neg, settings, control, **extra) if control is not None else \
+        pipe.eps_fn(pos, neg, settings, **extra)
 
 
 def _samples_posterior(runtime: Runtime) -> bool:

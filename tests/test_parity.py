@@ -119,7 +119,8 @@ def test_thresholds():
 def test_identical_runtimes_pass_with_infinite_psnr(reference, same):
     report = compare_runtimes(reference, same, precision="fp32", settings=SMALL, seeds=(0, 1))
     assert report.passed
-    assert [r.component for r in report.rows] == ["text_encoder", "unet", "unet_plain", "vae_decoder", "vae_encoder", "image"]
+    assert [r.component for r in report.rows] == ["text_encoder", "unet", "unet_plain", "vae_decoder", "vae_encoder", "image",
+                                                  "image_img2img", "image_inpaint"]
     assert all(r.psnr_db == math.inf and r.max_abs == 0.0 for r in report.rows)
     assert report.row("unet").inputs == 8 and report.row("image").inputs == 2 and report.row("text_encoder").inputs == 2
     assert report.skipped == {"vae_decoder_tiny": "candidate has none"}
@@ -147,10 +148,10 @@ def test_perturbed_unet_fails_and_only_the_unet(reference, same):
     assert not report.passed
     unet = report.row("unet")
     assert 27.0 < unet.psnr_db < 31.0 and not unet.passed
-    assert [r.component for r in report.failures()] == ["unet", "image"]  # the image is made with that UNet
+    assert [r.component for r in report.failures()] == ["unet", "image", "image_img2img", "image_inpaint"]  # made with it
     for name in ("text_encoder", "unet_plain", "vae_decoder", "vae_encoder"):
         assert report.row(name).psnr_db == math.inf
-    assert report.table().rstrip().endswith("FAIL (unet, image)")
+    assert report.table().rstrip().endswith("FAIL (unet, image, image_img2img, image_inpaint)")
     with pytest.raises(SunEdgeError, match=r"parity check failed: unet at 2\d\.\d\d dB is below its onnx fp32 threshold of 40 dB "
                                            r"\(worst input: seed 0, step \d \(t=\d+\)\)"):
         check_report(report)
@@ -178,7 +179,8 @@ def test_unet_sees_the_sun_trajectory_and_both_sides_get_the_same_inputs(referen
     assert report.inputs["timesteps"] == [999, 749, 499, 249]
     ref.calls.clear(), cand.calls.clear()
     compare_runtimes(ref, cand, precision="fp32", settings=SMALL)
-    assert len(ref.calls) == 4 and len(cand.calls) == 8  # the candidate also makes its own image
+    # the candidate also makes its own image; both run img2img (2 of 4 steps) and inpainting (3 of 4)
+    assert len(ref.calls) == 4 + 2 + 3 and len(cand.calls) == 8 + 2 + 3
 
 
 def test_absent_components_are_skipped(reference, same):
@@ -298,7 +300,8 @@ def test_parity_cli_on_an_fp32_bundle(home_env, onnx_fp32_bundle, tmp_path, caps
     assert "warning" not in err
     data = json.loads(out.read_text())
     assert data["passed"] and data["reference_matches_bundle"] and data["candidate"] == "onnxruntime"
-    assert set(data["components"]) == {"text_encoder", "unet", "unet_plain", "vae_decoder", "vae_encoder", "image"}
+    assert set(data["components"]) == {"text_encoder", "unet", "unet_plain", "vae_decoder", "vae_encoder", "image",
+                                       "image_img2img", "image_inpaint"}
     assert all(c["psnr_db"] > 90 for c in data["components"].values())  # fp32 graphs: float32 rounding only
     assert data["inputs"]["seeds"] == [0, 1] and data["inputs"]["height"] == 64
     assert stdout.splitlines()[0].startswith("component") and "onnxruntime vs pytorch" in stdout and "PASS" in stdout
@@ -334,7 +337,7 @@ def test_parity_cli_against_another_adapter_warns_and_fails(home_env, onnx_fp32_
     assert code == 1
     warning = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "adapter sha256" in warning[0] and "differs from the bundle's" in warning[0]
-    assert "FAIL (unet, image)" in stdout
+    assert "FAIL (unet, image, image_img2img, image_inpaint)" in stdout
 
 
 def test_export_parity_on_a_real_bundle(onnx_fp32_bundle, tiny_reference):
