@@ -13,23 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from sun_edge.editing import open_image
 from sun_edge.errors import SunEdgeError
 
 
 def read_control_image(path: Path | str) -> Image.Image:
     """The image at ``path`` (fully read); anything that is not an image gets one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SunEdgeError(f"control image {path} does not exist; pass a PNG or JPEG file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SunEdgeError(f"control image {path} is not an image Pillow can read ({type(e).__name__}); pass a PNG "
-                           "or JPEG file") from e
+    return open_image(path, "control image")
 
 
 def check_control_image(image: Any) -> Image.Image:
