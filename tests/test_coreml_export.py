@@ -128,7 +128,10 @@ def test_fp16_parity_through_the_evaluator(fp16_parity):
     assert figures["passed"] and figures["target"] == "coreml"
     assert figures["candidate"] == "coreml-mil (NumPy evaluator, for checking only)"
     comps = figures["components"]
-    assert set(comps) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "image"}
+    assert set(comps) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "image", "image_img2img",
+                          "image_inpaint"}
+    for name in ("image_img2img", "image_inpaint"):  # the whole edit through the evaluator (issue 19)
+        assert comps[name]["psnr_db"] >= comps[name]["threshold_db"] > 0, (name, comps[name])
     for name in ("text_encoder", "unet", "image"):
         assert 35.0 <= comps[name]["psnr_db"] < 100.0, (name, comps[name])  # fp16 rounding, measurably
     assert comps["unet"]["threshold_db"] == COREML_FP16.unet == 35.0
