@@ -194,12 +194,14 @@ class Pipeline:
 
     def generate(self, prompt: str, negative_prompt: str = "", *, seeds: Sequence[int] = (0,),
                  settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None,
-                 max_batch: int = 1, init_image: Image.Image | None = None, mask: Image.Image | None = None, control_image: Image.Image | None = None) -> list[Generated]:
+                 max_batch: int = 1, init_image: Image.Image | None = None, mask: Image.Image | None = None,
+                 control_image: Image.Image | None = None) -> list[Generated]:
         """One image per seed, ``max_batch`` seeds per UNet call (see ``generate_batch``); ``init_image`` (img2img,
         ``settings.strength``) and ``mask`` (inpainting, white = repaint) apply to every seed; ``control_image``: the
         ControlNet condition of every seed."""
-        return self.generate_batch([Job(prompt, negative_prompt, seed, control_image=control_image, init_image=init_image, mask=mask) for seed in seeds],
-                                   settings=settings, progress=progress, max_batch=max_batch)
+        jobs = [Job(prompt, negative_prompt, seed, init_image=init_image, mask=mask, control_image=control_image)
+                for seed in seeds]
+        return self.generate_batch(jobs, settings=settings, progress=progress, max_batch=max_batch)
 
     def generate_batch(self, jobs: Sequence[Job], *, settings: Settings = Settings(),
                        progress: Callable[[int, int], None] | None = None, max_batch: int = 1) -> list[Generated]:
