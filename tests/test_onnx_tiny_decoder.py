@@ -203,7 +203,7 @@ def test_other_targets_refuse_the_tiny_decoder(target, home_env, taesd_dir, tmp_
     code, _, err = run(capsys, "export", "--target", target, *SIZE, "--vae-decoder", f"tiny:{taesd_dir}",
                        "-o", str(tmp_path / "b"))
     assert code == 2
-    assert error_line(err) == (f"error: --vae-decoder tiny:PATH applies to --target onnx; {target} bundles decode with "
+    assert error_line(err) == (f"error: --vae-decoder tiny:PATH applies to --target onnx, openvino; {target} bundles decode with "
                                "the model's VAE only (drop --vae-decoder)")
     assert list(tmp_path.iterdir()) == []
 
