@@ -38,7 +38,7 @@ def test_bundle_files_and_manifest(onnx_fp32_bundle, tiny_reference, tiny_home):
     m = open_bundle(onnx_fp32_bundle).manifest
     assert (m.target, m.precision, m.format_version) == ("onnx", "fp32", 1)
     assert m.image == {"height": 64, "width": 64}
-    assert m.latent == {"channels": 4, "height": 8, "width": 8, "scaling_factor": 0.18215}
+    assert m.latent == {"channels": 4, "height": 8, "width": 8, "scaling_factor": 0.18215, "unet_in_channels": 4}
     assert m.text == {"tokens": 77, "dim": 32}
     assert m.model == {"name": "tiny-random", "sha256": tiny_reference.info["model_sha256"], "path": "tiny-random", "loras": []}
     adapter_file = tiny_home / "models" / "tiny-random" / "sun-adapter.safetensors"

@@ -292,6 +292,19 @@ def statistics(triton) -> tuple[int, int]:
     return int(stats["inference_count"]), int(stats["execution_count"])
 
 
+def counted_since(triton, before: tuple[int, int], inferences: int) -> tuple[int, int]:
+    """(inferences, executions) since ``before``. Triton updates its statistics after it has sent the answers,
+    so poll (bounded: 20 s) until the ``inferences`` just answered show."""
+    import time
+
+    deadline = time.monotonic() + 20
+    while True:
+        delta = tuple(a - b for a, b in zip(statistics(triton), before))
+        if delta[0] >= inferences or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.1)
+
+
 def test_concurrent_http_requests_are_batched_and_equal_generate(triton, generated):
     import tritonclient.http as http
 
@@ -302,7 +315,7 @@ def test_concurrent_http_requests_are_batched_and_equal_generate(triton, generat
     for seed, result in results.items():
         assert same_image(result.as_numpy("image")[0], generated[seed][0]), seed
         assert result.as_numpy("parameters")[0, 0].decode() == generated[seed][1]
-    inferences, executions = (a - b for a, b in zip(statistics(triton), before))
+    inferences, executions = counted_since(triton, before, MAX_BATCH)
     assert inferences == MAX_BATCH and executions < inferences, (inferences, executions)
 
 
@@ -320,7 +333,7 @@ def test_concurrent_grpc_requests_through_the_servers_client_equal_generate(trit
         assert isinstance(answer, dict), answer
         assert same_image(answer["image"][0], generated[seed][0]), seed
         assert answer["parameters"][0, 0].decode() == generated[seed][1]
-    inferences, executions = (a - b for a, b in zip(statistics(triton), before))
+    inferences, executions = counted_since(triton, before, len(seeds))
     assert inferences == len(seeds) and executions < inferences, (inferences, executions)
 
 
