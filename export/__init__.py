@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from sun_edge.runtimes.pytorch import TorchRuntime
 
 TINY_DECODER_TARGETS = tuple(name for name, t in TARGETS.items() if t.tiny_decoder)  # can carry TAESD
-CONTROLNET_TARGETS = ("onnx", "tensorrt")  # exporters with a ControlNet graph (tensorrt: the ONNX graphs it builds from)
 Precision = Literal["fp32", "fp16"]
 ParityFn = Callable[["TorchRuntime", Path], dict[str, Any]]
 
@@ -136,7 +135,7 @@ def export(target: str, model: str, out: Path | str, *, adapter: Path | str | No
     ``vae_decoder_tiny`` (ONNX only; the full VAE is always exported). Checks the target, the
     options, the decoder spec and the destination (``force`` to replace an existing one) before
     loading anything. ``controlnet``: also export this ControlNet as its own graph, and the UNet graphs with its
-    residual inputs (``CONTROLNET_TARGETS``). Returns the bundle's path.
+    residual inputs (every target). Returns the bundle's path.
     """
     from sun_edge.bundle import check_destination
     from sun_edge.taesd import parse_vae_decoder
@@ -146,9 +145,6 @@ def export(target: str, model: str, out: Path | str, *, adapter: Path | str | No
     if parse_vae_decoder(vae_decoder) is not None and target not in TINY_DECODER_TARGETS:
         raise SunEdgeError(_tiny_target_message(target))
     out = Path(out)
-    if controlnet is not None and target not in CONTROLNET_TARGETS:
-        raise SunEdgeError(f"--controlnet applies to --target {', '.join(CONTROLNET_TARGETS)}; the {target} exporter "
-                           "has no ControlNet graph yet")
     check_destination(out, force)
 
     from sun_edge.adapter import find_adapter

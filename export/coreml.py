@@ -9,6 +9,14 @@ ml-stable-diffusion names them::
       VAEEncoder.mlpackage    sample (image in [-1, 1]) -> latent_sample, latent_std (scaled posterior mean, std)
       vocab.json, merges.txt, manifest.json
 
+Exported with a ControlNet (``--controlnet FILE``), the UNet package is ``ControlledUnet.mlpackage``
+with the residual inputs ``down_block_res_0..11`` and ``mid_block_res`` after the embeddings, and the
+ControlNet is ``controlnet/<Name>.mlpackage`` (``Name`` from its file name): ml-stable-diffusion's
+resource layout. Its I/O keeps the component table's names (every target's bundle feeds the same
+names), not Apple's ``additional_residual_N``: a SUN UNet takes the negative prompt as its own input, so
+Apple's pipeline cannot drive it anyway. Core ML bundles run SUN only (no CFG baseline), so the
+ControlNet program is batch 1, where the ONNX graph takes the CFG pair's 2 as well.
+
 The shared recipe (``recipe.py``: plans from the component table, example inputs, the stage
 loop, the common manifest fields) with this target's steps (ml-stable-diffusion's): wrap the
 torch module so its graph has the runtime protocol's semantics (``modules.py``, shared with the
@@ -34,10 +42,11 @@ before and after.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -45,8 +54,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sun_edge.bundle import Component, Manifest, bundle_writer, describe_files, open_bundle
-from sun_edge.components import COMPONENTS
+from sun_edge.bundle import Component, Manifest, TensorSpec, bundle_writer, describe_files, open_bundle
+from sun_edge.components import COMPONENTS, FREE
 from sun_edge.errors import SunEdgeError
 from sun_edge.export import ExportOptions, ParityFn, Precision, modules, recipe, refuse_tiny_decoder
 from sun_edge.export import coreml_convert as cc
@@ -83,9 +92,19 @@ PACKAGES = MappingProxyType({
                            {"sample": "image in [-1, 1], channels first",
                             "latent_sample": "posterior mean times scaling_factor",
                             "latent_std": "posterior standard deviation times scaling_factor"}),
+    "controlnet": Package("controlnet", "ControlNet: the UNet's residuals for a condition image (SUN reads both "
+                          "prompts, as [positive; negative])",
+                          {"sample": "latents scaled for this timestep", "timestep": "diffusion timestep (0..999)",
+                           "encoder_hidden_states": "prompt embeddings",
+                           "negative_encoder_hidden_states": "negative prompt embeddings",
+                           "controlnet_cond": "condition image in [0, 1], channels first",
+                           "conditioning_scale": "ControlNet strength (multiplies every residual)"}),
 })
 RESOURCES = MappingProxyType({name: p.resource for name, p in PACKAGES.items()})  # manifest key -> Apple's name
-PALETTIZED = ("text_encoder", "unet")  # the VAE keeps its weights (ml-stable-diffusion does the same)
+CONTROLLED_UNET = "ControlledUnet"  # the UNet package of a bundle with a ControlNet (ml-stable-diffusion's name)
+RESIDUAL_TEXT = {"down_block_res": "ControlNet residual added to down-block output {i}",
+                 "mid_block_res": "ControlNet residual added to the mid-block output"}
+PALETTIZED = ("text_encoder", "unet", "controlnet")  # the VAE keeps its weights (ml-stable-diffusion does the same)
 INPUT_DTYPES = MappingProxyType({"text_encoder": {"input_ids": "int32"}})  # Core ML programs take int32 ids
 STAGES = ("trace", "convert", "save", "check")
 ATTENTION_PARITY_DB = 80.0  # split-einsum vs original attention in float32 PyTorch: only rounding may differ
@@ -139,22 +158,52 @@ class CoreMLOptions(ExportOptions):
 
 
 def plan(reference: TorchRuntime, options: CoreMLOptions) -> list[Plan]:
-    """The four components of a Core ML bundle for ``reference`` at ``options``' size (one line each)."""
+    """The components of a Core ML bundle for ``reference`` at ``options``' size (one line each): four, and
+    the ControlNet when ``reference`` has one."""
     recipe.require_adapter(reference)  # before any build is declared
-    sun = reference.sun_unet
+    sun, control = reference.sun_unet, reference.controlnet_module
     builds: dict[str, Callable[[], nn.Module]] = {
         "text_encoder": lambda: modules.TextEncoderGraph(reference.text_encoder),
         "unet": lambda: modules.SUNUNetGraph(sun, torch.float32),
         "vae_decoder": lambda: modules.VAEDecoderGraph(reference.vae, torch.float32),
         "vae_encoder": lambda: modules.VAEEncoderGraph(reference.vae, torch.float32),
+        **({"controlnet": lambda: modules.ControlNetGraph(control, torch.float32)} if control is not None else {}),
     }
     pal = options.compression is not None
+    switched = {"unet": sun.unet, "controlnet": control}  # the modules whose attention form is switched
     extra = {name: {"description": PACKAGES[name].description, "io_text": PACKAGES[name].io_text,
-                    "palettize": pal and name in PALETTIZED,
-                    "unet": sun.unet if name == "unet" else None}  # the UNet whose attention form is switched
+                    "palettize": pal and name in PALETTIZED, "unet": switched.get(name)}
              for name in builds}
-    return recipe.plan_components(reference, options, builds, file=lambda name: f"{RESOURCES[name]}.mlpackage",
-                                  precision=options.component_precision, input_dtypes=INPUT_DTYPES, extra=extra)
+    names = resources(reference)
+    plans = recipe.plan_components(reference, options, builds, file=lambda name: f"{names[name]}.mlpackage",
+                                   precision=options.component_precision, input_dtypes=INPUT_DTYPES, extra=extra)
+    return [batch_one(graph) if graph.name == "controlnet" else graph for graph in plans]
+
+
+def resources(reference: TorchRuntime) -> dict[str, str]:
+    """Each component's package name (without ``.mlpackage``) in a bundle of ``reference``: Apple's names, with
+    ``ControlledUnet`` and ``controlnet/<Name>`` when it has a ControlNet."""
+    names = dict(RESOURCES)
+    if reference.controlnet_module is not None:
+        names["unet"] = CONTROLLED_UNET
+        names["controlnet"] = f"controlnet/{controlnet_name(str(reference.info.get('controlnet') or 'ControlNet'))}"
+    return names
+
+
+def controlnet_name(file_name: str) -> str:
+    """A ControlNet's package name from its file or folder name: ``control_v11p_sd15_canny.safetensors`` ->
+    ``ControlV11pSd15Canny`` (letters and digits only, as Apple's Swift pipeline names its ControlNets)."""
+    stem = Path(file_name).name.removesuffix(".safetensors").removesuffix(".ckpt").removesuffix(".pth")
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", stem) if w]
+    return "".join(w[:1].upper() + w[1:] for w in words) or "ControlNet"
+
+
+def batch_one(graph: Plan) -> Plan:
+    """``graph`` with its free batch dimensions fixed to 1: Core ML programs here have fixed shapes, and a
+    Core ML bundle runs SUN only, one image per call."""
+    def fixed(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        return tuple(replace(s, shape=tuple(1 if d == FREE else d for d in s.shape)) for s in specs)
+    return replace(graph, inputs=fixed(graph.inputs), outputs=fixed(graph.outputs))
 
 
 def stages(graph: Plan) -> tuple[str, ...]:
@@ -201,14 +250,15 @@ def convert_component(graph: Plan, options: CoreMLOptions, directory: Path,
     del program
     user = {"sun_edge.component": graph.name, "sun_edge.attention": form,
             "sun_edge.precision": graph.precision}
-    text = graph.extra["io_text"]
-    cc.set_metadata(model, description=graph.extra["description"], inputs={s.name: text[s.name] for s in graph.inputs},
-                    outputs={s.name: text[s.name] for s in graph.outputs}, user=user)
+    cc.set_metadata(model, description=graph.extra["description"],
+                    inputs={s.name: io_text(graph, s.name) for s in graph.inputs},
+                    outputs={s.name: io_text(graph, s.name) for s in graph.outputs}, user=user)
     path = directory / graph.file
+    path.parent.mkdir(parents=True, exist_ok=True)  # controlnet/<Name>.mlpackage
     before = None
     if graph.extra["palettize"] and options.compression is not None:
         stage("palettize")
-        staging = directory / f".unpalettized-{graph.file}"
+        staging = path.with_name(f".unpalettized-{path.name}")
         model.save(str(staging))  # saved as it would be without palettization, to measure it
         before = cc.package_bytes(staging)
         shutil.rmtree(staging)
@@ -225,6 +275,17 @@ def convert_component(graph: Plan, options: CoreMLOptions, directory: Path,
         raise SunEdgeError(f"internal error: {graph.file} declares {inputs + outputs}, expected {graph.inputs + graph.outputs}")
     files, hashes = describe_files(directory, cc.package_files(directory, graph.file))
     return Component(graph.file, graph.inputs, graph.outputs, graph.precision, files, hashes), sizes
+
+
+def io_text(graph: Plan, name: str) -> str:
+    """Xcode's text for one input or output of ``graph``: its package's, or a ControlNet residual's."""
+    text = graph.extra["io_text"]
+    if name in text:
+        return text[name]
+    head, _, index = name.rpartition("_")
+    if head == "down_block_res" and index.isdigit():
+        return RESIDUAL_TEXT[head].format(i=index)
+    return RESIDUAL_TEXT[name]
 
 
 def build_manifest(reference: TorchRuntime, options: CoreMLOptions, components: dict[str, Component],
@@ -268,7 +329,7 @@ def export_bundle(reference: TorchRuntime, out: Path | str, options: ExportOptio
     model, adapter = recipe.manifest_entries(reference, model, adapter)
     with bundle_writer(Path(out), force) as tmp:
         results = recipe.run_stages(plans, lambda graph, stage: convert_component(graph, options, tmp, stage), progress,
-                                    stages=stages, label=lambda graph: RESOURCES[graph.name])
+                                    stages=stages, label=lambda graph: graph.file.removesuffix(".mlpackage"))
         components = {name: entry for name, (entry, _) in results.items()}
         sizes = {name: size for name, (_, size) in results.items()}
         manifest = build_manifest(reference, options, components, sizes, model=model, adapter=adapter,

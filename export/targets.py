@@ -75,6 +75,7 @@ COREML_FP16 = ONNX_FP16
 
 def _palettized(nbits: int) -> Thresholds:
     return replace(COREML_FP16, text_encoder=6.0 * nbits - 12.0, unet=6.0 * nbits - 6.0, unet_plain=6.0 * nbits - 6.0,
+                   controlnet=6.0 * nbits - 6.0,  # a UNet-sized encoder, palettized as the UNet is
                    image=6.0 * nbits - 12.0, image_controlnet=6.0 * nbits - 12.0, image_img2img=6.0 * nbits - 12.0,
                    image_inpaint=6.0 * nbits - 12.0)
 

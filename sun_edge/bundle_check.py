@@ -270,7 +270,7 @@ def _check_geometry(c: _Check, data: Mapping[str, Any], factor: int) -> None:
 
             def matches(want: Any) -> bool:
                 return len(have) == len(want) and all(
-                    h["name"] == w.name and list(h["shape"]) == list(w.shape)
+                    h["name"] == w.name and _same_shape(h["shape"], w.shape)
                     and (h["dtype"] == w.dtype or (w.dtype in INTEGER_DTYPES and h["dtype"] in INTEGER_DTYPES))
                     for h, w in zip(have, want))
             same = matches(want) or (older is not None and matches(older))  # an older layout (vae_encoder's mean alone)
@@ -278,6 +278,16 @@ def _check_geometry(c: _Check, data: Mapping[str, Any], factor: int) -> None:
                 shown = ", ".join(f"{h['name']} {h['dtype']} [{','.join('?' if d < 0 else str(d) for d in h['shape'])}]"
                                   for h in have)
                 raise c.fail(f"components.{name}.{kind}", f"are {shown}, but the bundle's {sizes} needs {describe(want)}")
+
+
+def _same_shape(have: Any, want: tuple[int, ...]) -> bool:
+    """A manifest shape against the table's: equal, except that a free batch (the table's first dimension) may be
+    fixed at 1 (Core ML's fixed-shape ControlNet program, which runs SUN's one image per call)."""
+    from sun_edge.components import FREE
+
+    have = list(have)
+    return len(have) == len(want) and all(h == w or (i == 0 and w == FREE and h == 1)
+                                          for i, (h, w) in enumerate(zip(have, want)))
 
 
 def _check_tensorrt(c: _Check, value: Any, components: Mapping[str, Any]) -> None:

@@ -103,7 +103,7 @@ def add_export_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParse
                         "for generate --vae-decoder tiny (onnx target only; default: full, the model's VAE alone)")
     e.add_argument("--controlnet", metavar="FILE|NAME",
                    help="also export this ControlNet (.safetensors or diffusers folder) as its own graph, and the UNet "
-                        "graphs with its residual inputs (onnx, tensorrt)")
+                        "graphs with its residual inputs (coreml: ControlledUnet + controlnet/<Name>.mlpackage)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     for target in [*TARGETS.values(), *PACKAGINGS.values()]:  # each target's own options, declared in its registry entry

@@ -27,6 +27,10 @@ def cmd_package(args: argparse.Namespace, packaging: Any) -> int:
     from sun_edge.models import parse_lora_arg
 
     specific = {o.name: getattr(args, o.name) for o in packaging.options if getattr(args, o.name) is not None}
+    if args.controlnet is not None:
+        raise SunEdgeError(f"--controlnet: the {packaging.name} model serves text-to-image (its requests carry no "
+                           "control image); export --target onnx --controlnet FILE and serve that bundle with "
+                           "sun-edge serve --bundle")
     module_name, _, cls_name = packaging.options_class.partition(":")
     module = importlib.import_module(module_name)
     cls = getattr(module, cls_name)

@@ -175,6 +175,15 @@ def has_component(runtime: Runtime, row: str) -> bool:
     return runtime.has("unet" if row == "image" else row)
 
 
+def takes_pairs(runtime: Runtime, component: str) -> bool:
+    """Whether ``runtime``'s ``component`` takes a batch of 2 (the CFG pair): a runtime without a manifest (PyTorch)
+    takes any batch; a bundle's graph, unless its manifest fixes the batch at 1 (Core ML's ControlNet: SUN only)."""
+    manifest = getattr(runtime, "manifest", None)
+    if manifest is None:
+        return True
+    return manifest.components[component].inputs[0].shape[0] != 1
+
+
 def control_condition(height: int, width: int) -> np.ndarray:
     """The parity's ControlNet condition [1,3,H,W] in [0, 1]: white outlines (a ring and a box) on black, as an edge
     map looks; deterministic, so reference and candidate see the same."""
@@ -353,11 +362,12 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
             out = candidate.controlnet(x, t, pos, neg, control[0], scale)
             for spec_i, (r, o) in enumerate(zip(res, out, strict=True)):
                 measure("controlnet", r, o, f"{where[seed, i]}, residual {spec_i}")
-        seed, i, x, t, _ = control_steps[0]  # the CFG pair: batch 2, each half its own text (read as [c; c])
-        x2, context, cond2 = np.concatenate([x, x]), np.concatenate([neg, pos]), np.concatenate([control[0]] * 2)
-        for spec_i, (r, o) in enumerate(zip(reference.controlnet(x2, t, context, context, cond2, scale),
-                                            candidate.controlnet(x2, t, context, context, cond2, scale), strict=True)):
-            measure("controlnet", r, o, f"CFG pair, {where[seed, i]}, residual {spec_i}")
+        if takes_pairs(candidate, "controlnet"):  # the CFG pair: batch 2, each half its own text (read as [c; c])
+            seed, i, x, t, _ = control_steps[0]
+            x2, context, cond2 = np.concatenate([x, x]), np.concatenate([neg, pos]), np.concatenate([control[0]] * 2)
+            for spec_i, (r, o) in enumerate(zip(reference.controlnet(x2, t, context, context, cond2, scale),
+                                                candidate.controlnet(x2, t, context, context, cond2, scale), strict=True)):
+                measure("controlnet", r, o, f"CFG pair, {where[seed, i]}, residual {spec_i}")
         release("controlnet")
     if "unet_plain" in found:
         for seed, i, x, t, _ in steps:

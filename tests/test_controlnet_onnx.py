@@ -137,11 +137,15 @@ def test_cli_flags_that_need_each_other_get_one_line(bundle, tmp_path, capsys, c
         assert code == 2 and words in error_line(err), (args, err)
 
 
-def test_export_refuses_a_controlnet_for_a_target_without_the_graph(tmp_path, control_files):
-    from sun_edge.export import export
+def test_triton_packaging_refuses_a_controlnet_in_one_line(home_env, tmp_path, capsys, control_files):
+    """The Triton model's requests carry no control image, so --controlnet is refused, not silently dropped."""
+    from cli_helpers import error_line, run
 
-    with pytest.raises(SunEdgeError, match="--controlnet applies to --target onnx, tensorrt"):
-        export("coreml", "tiny-random", tmp_path / "b", controlnet=control_files["ldm"])
+    for source in (["--model", "tiny-random"], ["--bundle", str(tmp_path / "missing")]):
+        code, _, err = run(capsys, "export", "--target", "triton", *source, "--controlnet", str(control_files["ldm"]),
+                           "-o", str(tmp_path / "repo"))
+        assert code == 2 and "--controlnet: the triton model serves text-to-image" in error_line(err), err
+    assert not (tmp_path / "repo").exists()
 
 
 

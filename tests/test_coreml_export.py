@@ -1,7 +1,8 @@
 """The Core ML target on the tiny model: bundles, parity through the NumPy MIL evaluator, bad inputs.
 
-Two bundles are exported once per session, in parallel processes (conversion is single-threaded
-Python): float16 through the CLI, and 6-bit palettized with its parity recorded at export.
+Three bundles are exported once per session, in parallel processes (conversion is single-threaded
+Python): float16 through the CLI, 6-bit palettized with its parity recorded at export, and float16
+with a tiny random ControlNet through the CLI (``ControlledUnet`` + ``controlnet/<Name>.mlpackage``).
 """
 
 from __future__ import annotations
@@ -38,14 +39,23 @@ export("coreml", "tiny-random", sys.argv[1], options=CoreMLOptions(height={size}
 
 
 @pytest.fixture(scope="session")
-def _coreml_exports(tmp_path_factory, tiny_home):
+def coreml_control_files(tiny, tmp_path_factory):
+    """The tiny random ControlNet's files (controlnet_helpers: its LDM-layout file is what the bundle exports)."""
+    from controlnet_helpers import save_layouts, tiny_controlnet
+
+    return save_layouts(tiny_controlnet(tiny["unet"]), tiny["unet"], tmp_path_factory.mktemp("coreml-controlnet"))
+
+
+@pytest.fixture(scope="session")
+def _coreml_exports(tmp_path_factory, tiny_home, coreml_control_files):
     root = tmp_path_factory.mktemp("coreml")
     env = {**os.environ, "SUN_EDGE_HOME": str(tiny_home), "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "sun_edge.cli", "export", "--model", "tiny-random", "--target", "coreml",
+           "--height", str(SIZE), "--width", str(SIZE)]
     commands = {
-        "fp16": [sys.executable, "-m", "sun_edge.cli", "export", "--model", "tiny-random", "--target", "coreml",
-                 "--height", str(SIZE),
-                 "--width", str(SIZE), "-o", str(root / "fp16")],
+        "fp16": [*cli, "-o", str(root / "fp16")],
         "pal6": [sys.executable, "-c", PALETTIZED_EXPORT.format(size=SIZE), str(root / "pal6")],
+        "controlnet": [*cli, "--controlnet", str(coreml_control_files["ldm"]), "-o", str(root / "controlnet")],
     }
     jobs = {}
     for name, cmd in commands.items():
@@ -76,6 +86,12 @@ def coreml_bundle(_coreml_exports) -> Path:
 def palettized_bundle(_coreml_exports) -> Path:
     """The same, UNet and text encoder palettized to 6 bits, parity recorded at export."""
     return _exported(_coreml_exports, "pal6")
+
+
+@pytest.fixture(scope="session")
+def controlnet_bundle(_coreml_exports) -> Path:
+    """The tiny model with the tiny ControlNet as a float16 Core ML bundle, parity recorded at export."""
+    return _exported(_coreml_exports, "controlnet")
 
 
 @pytest.fixture(scope="session")
@@ -368,3 +384,63 @@ def test_core_ml_parity_on_every_compute_unit(coreml_bundle, tiny_reference):
 
     for units in ("cpu-only", "cpu-and-gpu", "cpu-and-ne", "all"):
         assert coreml_parity(tiny_reference, coreml_bundle, backend="coreml", compute_units=units)["passed"], units
+
+
+def test_controlnet_bundle_layout_and_parity(controlnet_bundle, coreml_control_files):
+    """ml-stable-diffusion's layout: ControlledUnet with the 13 residual inputs, controlnet/<Name>.mlpackage beside
+    it (batch 1: Core ML runs SUN only); every row, ControlNet's included, passed the fp16 floors at export."""
+    from sun_edge.runtimes.coreml_mil import MILEvaluator
+    from sun_edge.weights import sha256_file
+
+    m = open_bundle(controlnet_bundle).manifest
+    files = {name: c.file for name, c in m.components.items()}
+    assert files == {**PACKAGES, "unet": "ControlledUnet.mlpackage", "controlnet": "controlnet/ControlTinyLdm.mlpackage"}
+    assert sorted(p.name for p in (controlnet_bundle / "controlnet").iterdir()) == ["ControlTinyLdm.mlpackage"]
+    assert m.controlnet["sha256"] == sha256_file(coreml_control_files["ldm"])
+    residuals = [f"down_block_res_{i}" for i in range(12)] + ["mid_block_res"]
+    unet, control = m.components["unet"], m.components["controlnet"]
+    assert [s.name for s in unet.inputs][4:] == residuals == [s.name for s in control.outputs]
+    assert all(s.shape[0] == 1 for s in control.inputs[:1] + control.inputs[2:5] + control.outputs)
+    assert control.precision == "fp16" and unet.inputs[-1].shape == control.outputs[-1].shape == (1, 64, 1, 1)
+    for name in ("unet", "controlnet"):  # the packages declare what the manifest lists
+        evaluator = MILEvaluator.load(controlnet_bundle / m.components[name].file)
+        assert (evaluator.inputs, evaluator.outputs) == (m.components[name].inputs, m.components[name].outputs)
+    rows = m.parity["components"]
+    assert m.parity["passed"] and m.parity["target"] == "coreml"
+    for row in ("controlnet", "image_controlnet", "unet", "image"):
+        assert rows[row]["passed"] and rows[row]["psnr_db"] >= rows[row]["threshold_db"] > 0, (row, rows[row])
+    assert rows["controlnet"]["threshold_db"] == COREML_FP16.controlnet
+    assert rows["controlnet"]["inputs"] == 4 * 13  # every residual of the 4 steps; no CFG pair at batch 1
+    assert rows["controlnet"]["psnr_db"] < 100.0  # fp16 rounding, measurably: the evaluator ran the fp16 program
+
+
+def test_controlnet_image_through_the_evaluator_equals_pytorch(controlnet_bundle, coreml_control_files, tiny_home):
+    """A whole ControlNet image from the Core ML bundle (NumPy MIL evaluator) against the PyTorch reference with the
+    same ControlNet file; the condition changes the picture; CFG mode and a batch of 2 get one line each."""
+    from PIL import Image
+
+    from sun_edge.parity import control_condition, psnr
+    from sun_edge.pipeline import Pipeline, Settings
+    from sun_edge.runtimes.coreml import CoreMLRuntime
+    from sun_edge.runtimes.pytorch import TorchRuntime
+
+    with pytest.warns(UserWarning, match="NumPy MIL evaluator"):
+        runtime = CoreMLRuntime.open(controlnet_bundle, backend="mil")
+    reference = TorchRuntime.load(str(tiny_home / "models" / "tiny-random"), controlnet=coreml_control_files["ldm"])
+    condition = Image.fromarray((control_condition(SIZE, SIZE)[0].transpose(1, 2, 0) * 255).astype(np.uint8))
+    settings = Settings.for_mode("sun", height=SIZE, width=SIZE, steps=4)
+    pipe = Pipeline(runtime, runtime.tokenizer())
+    got = pipe.generate("a ring", "box", seeds=[5], settings=settings, control_image=condition)[0]
+    want = Pipeline(reference).generate("a ring", "box", seeds=[5], settings=settings, control_image=condition)[0]
+    a, b = (np.asarray(x.image, np.float64) / 127.5 - 1 for x in (want, got))
+    assert psnr(a, b) >= COREML_FP16.image_controlnet
+    plain = pipe.generate("a ring", "box", seeds=[5], settings=settings)[0]  # the same bundle, residuals all zero
+    assert np.abs(np.asarray(plain.image, int) - np.asarray(got.image, int)).mean() > 1.0
+    assert "ControlNet" in got.parameters and "control_tiny_ldm" in got.parameters
+    with pytest.raises(SunEdgeError, match="has no UNet without the adapter; CFG mode needs one"):
+        pipe.generate("a ring", "box", seeds=[5], settings=Settings.for_mode("cfg", height=SIZE, width=SIZE),
+                      control_image=condition)
+    x = np.zeros((2, 4, 8, 8), np.float32)
+    emb = np.zeros((2, 77, 32), np.float32)
+    with pytest.raises(SunEdgeError, match=r"^controlnet input sample: expected shape \[1,4,8,8\], got \[2,4,8,8\]$"):
+        runtime.controlnet(x, 999.0, emb, emb, np.zeros((2, 3, SIZE, SIZE), np.float32), 1.0)

@@ -134,3 +134,30 @@ def test_openvino_export_options_are_one_line(home_env, tmp_path, capsys):
     code, _, err = run(capsys, "export", "--target", "onnx", "--model", "tiny-random", "-o", str(tmp_path / "b"),
                        "--ov-weights", "int8")
     assert code == 2 and error_line(err) == "error: --ov-weights applies to --target openvino only"
+
+
+@pytest.fixture(scope="module")
+def controlnet_ir_bundle(tiny_home, tiny, tmp_path_factory):
+    from controlnet_helpers import save_layouts, tiny_controlnet
+    from sun_edge.bundle_parity import export_parity
+    from sun_edge.export import export
+    from sun_edge.export.openvino import OpenVinoOptions
+
+    files = save_layouts(tiny_controlnet(tiny["unet"]), tiny["unet"], tmp_path_factory.mktemp("ov-controlnet"))
+    out = tmp_path_factory.mktemp("ovc") / "ir"
+    export("openvino", str(tiny_home / "models" / "tiny-random"), out, controlnet=files["ldm"], parity=export_parity,
+           options=OpenVinoOptions(height=64, width=64, with_baseline=True, precision="fp32"), progress=False)
+    return out
+
+
+@pytest.mark.slow  # a third IR export, with the ControlNet and its parity (minutes on a shared CPU); run with -m slow
+def test_a_controlnet_ir_bundle_passes_every_row(controlnet_ir_bundle):
+    """The ControlNet in an IR bundle (the ONNX target's graphs, converted): controlnet.xml beside the UNet IRs with
+    the residual inputs, and every parity row, the CFG pair's residuals included, within the OpenVINO floors."""
+    m = open_bundle(controlnet_ir_bundle).manifest
+    assert m.components["controlnet"].file == "controlnet.xml" and m.controlnet["name"] == "control_tiny_ldm.safetensors"
+    assert [s.name for s in m.components["unet"].inputs][-1] == "mid_block_res"
+    rows = m.parity["components"]
+    assert m.parity["passed"] and rows["controlnet"]["inputs"] == 4 * 13 + 13
+    for row in ("controlnet", "image_controlnet", "unet", "unet_plain"):
+        assert rows[row]["passed"], (row, rows[row])
