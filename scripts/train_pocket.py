@@ -5,6 +5,7 @@
                                    [--time-box STAGE=SECONDS ...] [--no-cuda-graph] [--quick]
                                    [--threads N] [--scale X] [--save-precision fp16|fp32]
                                    [--base MODEL] [--adapter-steps N] [--adapter-lr LR]
+                                   [--adapter-negatives attributes|colours]
 
 scripts/train_pocket_gpu.sh runs the GPU plan the shipped family came from (toon and the three
 adapters side by side); docs/pocket.md says how the shipped weights were made.
@@ -57,6 +58,10 @@ ADAPTER_P = {"sun": 0.1, "sun-p0": 0.0, "sun-p0.25": 0.25}
 # half one attribute. The paper joins 0..100 of 832 SD phrases; the first shipped adapter drew 0..3 of
 # 58 world phrases (most of them colour-shape pairs) and learnt almost no steering (docs/pocket.md).
 NEGATIVE_PHRASES = 1
+# ``--adapter-negatives``: the pool an adapter stage draws from. ``attributes`` (the default, above); ``colours``,
+# the 8 colour words alone, for a continuation that spends the non-empty negatives on what Fig. 5 asks (a
+# colour the prompt leaves open); with 0..1 phrases, half the examples still see the empty negative.
+NEGATIVE_POOLS = ("attributes", "colours")
 # The adapter's AdamW learning rate. The paper's 1e-4 (for SD1.5, batch 32, 5k steps) left the first
 # shipped adapter's weights at their initialisation after ~1400 steps (alpha 1.00 +- 0.02, beta
 # 0.00 +- 0.02, to_k_neg/to_v_neg std 0.10-0.11 as initialised): this 44k-parameter adapter needs more.
@@ -262,11 +267,12 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
     dst = outputs(out)[stage]
     dst.parent.mkdir(parents=True, exist_ok=True)
     steps, batch = plan.adapter
-    from sun_edge.pocket.world import attribute_negatives
+    from sun_edge.pocket.world import COLOURS, attribute_negatives
 
-    pool = out / "negative_phrases.txt"  # the world's attributes: the pocket text encoder knows no other words
-    tmp = pool.with_name(f".{pool.name}.{os.getpid()}")  # adapter stages may run side by side: replace atomically
-    tmp.write_text("\n".join(attribute_negatives()) + "\n")
+    colours = args.adapter_negatives == "colours"
+    pool = out / ("negative_phrases-colours.txt" if colours else "negative_phrases.txt")  # world words only: the
+    tmp = pool.with_name(f".{pool.name}.{os.getpid()}")  # pocket text encoder knows no others; replaced atomically
+    tmp.write_text("\n".join(COLOURS if colours else attribute_negatives()) + "\n")  # (stages may run side by side)
     os.replace(tmp, pool)
     init = dst.with_name(f"init-alpha{ADAPTER_INIT_ALPHA:g}.safetensors")  # the same start for every adapter stage
     if not init.is_file():
@@ -303,7 +309,8 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
             "seconds_per_step": round(sum(h.seconds for h in result.history) / max(1, len(result.history)), 4),
             "final_loss": last,
             "msc_probability": ADAPTER_P[stage], "resolution": 64, "learning_rate": plan.adapter_lr,
-            "negatives": f"0..{NEGATIVE_PHRASES} of world.attribute_negatives()", "start_step": result.start_step,
+            "negatives": f"0..{NEGATIVE_PHRASES} of " + ("world.COLOURS" if colours else "world.attribute_negatives()"),
+            "start_step": result.start_step,
             "init": f"adapter_from_cross_attention(alpha={ADAPTER_INIT_ALPHA:g}, extra_positive={EXTRA_POSITIVE})", "examples_per_second": result.examples_per_second}
 
 
@@ -337,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="adapter stages: train to this many steps (a stage resumes from its checkpoints, so "
                              "deleting its output and raising N continues it exactly)")
     parser.add_argument("--adapter-lr", type=float, metavar="LR", help=f"adapter learning rate (default {ADAPTER_LR})")
+    parser.add_argument("--adapter-negatives", choices=NEGATIVE_POOLS, default="attributes",
+                        help="adapter stages: the negative phrase pool (default attributes: the world's 26 attribute "
+                             "phrases; colours: its 8 colours, to continue a run towards Fig. 5)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every stage's steps (e.g. 10 on a GPU, where an hour's CPU plan takes minutes)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's; 1 on a shared machine)")
