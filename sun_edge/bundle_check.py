@@ -270,7 +270,7 @@ def _check_geometry(c: _Check, data: Mapping[str, Any], factor: int) -> None:
 
             def matches(want: Any) -> bool:
                 return len(have) == len(want) and all(
-                    h["name"] == w.name and _same_shape(h["shape"], w.shape)
+                    h["name"] == w.name and _same_shape(h["shape"], w.shape, fixed_batch=data.get("target") == "coreml")
                     and (h["dtype"] == w.dtype or (w.dtype in INTEGER_DTYPES and h["dtype"] in INTEGER_DTYPES))
                     for h, w in zip(have, want))
             same = matches(want) or (older is not None and matches(older))  # an older layout (vae_encoder's mean alone)
@@ -280,13 +280,14 @@ def _check_geometry(c: _Check, data: Mapping[str, Any], factor: int) -> None:
                 raise c.fail(f"components.{name}.{kind}", f"are {shown}, but the bundle's {sizes} needs {describe(want)}")
 
 
-def _same_shape(have: Any, want: tuple[int, ...]) -> bool:
-    """A manifest shape against the table's: equal, except that a free batch (the table's first dimension) may be
-    fixed at 1 (Core ML's fixed-shape ControlNet program, which runs SUN's one image per call)."""
+def _same_shape(have: Any, want: tuple[int, ...], *, fixed_batch: bool) -> bool:
+    """A manifest shape against the table's: equal, except that in a Core ML bundle (``fixed_batch``) a free batch
+    (the table's first dimension) is fixed at 1: its programs have fixed shapes, and its ControlNet runs SUN's one
+    image per call. Every other target's graphs keep the table's free batch."""
     from sun_edge.components import FREE
 
     have = list(have)
-    return len(have) == len(want) and all(h == w or (i == 0 and w == FREE and h == 1)
+    return len(have) == len(want) and all(h == w or (fixed_batch and i == 0 and w == FREE and h == 1)
                                           for i, (h, w) in enumerate(zip(have, want)))
 
 

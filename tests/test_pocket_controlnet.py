@@ -89,7 +89,7 @@ def test_controlnet_puts_the_shapes_where_the_condition_does(runtimes, shipped):
     cases = test_cases(CASES)
     with_cn = [placement(generate(controlled, shipped, c, settings, library=True), c.mask) for c in cases]
     without = [placement(generate(plain, None, c, settings), c.mask) for c in cases]
-    assert min(with_cn) > max(without), (with_cn, without)
+    assert all(w > o for w, o in zip(with_cn, without)), (with_cn, without)  # each case: same prompt and seed
     assert np.mean(with_cn) > 0.5 and np.mean(with_cn) > np.mean(without) + 0.3, (with_cn, without)
     # control scale 0 is no ControlNet: the same image as the plain pipeline's
     zero = generate(controlled, shipped, cases[0], settings, scale=0.0, library=True)
