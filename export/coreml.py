@@ -186,7 +186,7 @@ def resources(reference: TorchRuntime) -> dict[str, str]:
     names = dict(RESOURCES)
     if reference.controlnet_module is not None:
         names["unet"] = CONTROLLED_UNET
-        names["controlnet"] = f"controlnet/{controlnet_name(str(reference.info.get('controlnet') or 'ControlNet'))}"
+        names["controlnet"] = f"{RESOURCES['controlnet']}/{controlnet_name(str(reference.info.get('controlnet') or ''))}"
     return names
 
 

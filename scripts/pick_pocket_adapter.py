@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 import torch
 
 from sun_edge.pipeline import Pipeline
 from sun_edge.pocket.classifier import load_classifier, predict
-from sun_edge.pocket.eval import adherence, generate_images, methods, table2_prompts
-from sun_edge.pocket.world import COLOURS, SHAPES
+from sun_edge.pocket.eval import adherence, generate_images, methods, negative_steering, table2_prompts
 from sun_edge.runtimes.pytorch import TorchRuntime
 
 PROMPTS, PROMPT_SEED, IMAGE_SEED = 32, 7, 100
@@ -30,8 +28,6 @@ def main(adapters: list[str]) -> int:
     classifier, table = load_classifier(), methods(64)
     prompts, scenes, _ = table2_prompts(PROMPTS, seed=PROMPT_SEED)
     seeds = [IMAGE_SEED + i for i in range(PROMPTS)]
-    shapes = [f"a {s}" for s in SHAPES for _ in range(FIG5_SEEDS)]
-    shape_seeds = [FIG5_SEED + i for i in range(len(shapes))]
     reference = None  # CFG 25 does not use the adapter: made once
     for path in adapters:
         pipe = Pipeline(TorchRuntime.load("pocket-base", path))
@@ -40,13 +36,9 @@ def main(adapters: list[str]) -> int:
         sun = generate_images(pipe, prompts, seeds, table["sun4"].settings)
         cfg_colour = adherence(predict(classifier, reference), scenes)["colour"]
         gap = cfg_colour - adherence(predict(classifier, sun), scenes)["colour"]
-        base = predict(classifier, generate_images(pipe, shapes, shape_seeds, table["sun4"].settings, ""))["colour"]
-        without, with_negative = [], []
-        for k, colour in enumerate(COLOURS):
-            steered = predict(classifier, generate_images(pipe, shapes, shape_seeds, table["sun4"].settings, colour))
-            without.append(float((base == k).mean()))
-            with_negative.append(float((steered["colour"] == k).mean()))
-        fall = 1 - np.mean(with_negative) / np.mean(without)
+        steering = negative_steering(pipe, classifier, table["sun4"].settings, seeds_per_shape=FIG5_SEEDS,
+                                     first_seed=FIG5_SEED)
+        fall = steering.fall()
         print(json.dumps({"adapter": path, "colour_gap_vs_cfg25": round(float(gap), 4),
                           "fig5_fall": round(float(fall), 3), "cfg25_colour": cfg_colour}), flush=True)
     return 0

@@ -211,7 +211,7 @@ def sun_trajectory(pipe: Pipeline, pos: np.ndarray, neg: np.ndarray, seed: int, 
     """Run the pipeline's sampling loop on its runtime and record every (latents, t, eps) of the UNet
     (``control``: with the ControlNet, as ``Pipeline.eps_fn`` takes it)."""
     condition = text_condition(pipe, seed, settings)  # an inpainting UNet's mask and masked image (all repainted)
-    eps_fn = _eps_fn(pipe, pos, neg, settings, control, condition)
+    eps_fn = pipe.eps_fn(pos, neg, settings, control, condition=condition)
     steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def record(latents: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -228,7 +228,7 @@ def pipeline_image(pipe: Pipeline, prompt: str, negative_prompt: str, seed: int,
                    control: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``Pipeline.generate``'s computation up to the float image [1,3,H,W] in [-1, 1], full VAE decoder."""
     pos, neg = pipe.embed(prompt), pipe.embed(negative_prompt)
-    eps_fn = _eps_fn(pipe, pos, neg, settings, control, text_condition(pipe, seed, settings))
+    eps_fn = pipe.eps_fn(pos, neg, settings, control, condition=text_condition(pipe, seed, settings))
     latents = sampling.sample(eps_fn, pipe.initial_latents(seed, settings),
                               steps=settings.steps, scheduler=settings.scheduler, spacing=settings.spacing)
     return pipe.runtime.decode_full(latents.astype(np.float32))
@@ -238,13 +238,6 @@ def text_condition(pipe: Pipeline, seed: int, settings: Settings) -> np.ndarray 
     """What ``Pipeline.generate`` feeds an inpainting UNet from text alone (mask 1, masked image grey) [1,5,h,w];
     None for an ordinary UNet."""
     return pipe.prepare_edit(Job("", "", seed), settings).condition if pipe.inpainting_unet else None
-
-
-def _eps_fn(pipe: Pipeline, pos: np.ndarray, neg: np.ndarray, settings: Settings,
-            control: tuple[np.ndarray, np.ndarray] | None, condition: np.ndarray | None) -> Any:
-    extra = {"condition": condition} if condition is not None else {}
-    return pipe.eps_fn(pos, neg, settings, control, **extra) if control is not None else \
-        pipe.eps_fn(pos, neg, settings, **extra)
 
 
 def _samples_posterior(runtime: Runtime) -> bool:

@@ -53,6 +53,24 @@ def tiny_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def control_files(tiny, tmp_path_factory):
+    """The tiny random ControlNet (tests/controlnet_helpers.py) as a diffusers folder and two single files; the
+    exports use its original ControlNet/LDM-layout file."""
+    from controlnet_helpers import save_layouts, tiny_controlnet
+
+    return save_layouts(tiny_controlnet(tiny["unet"]), tiny["unet"], tmp_path_factory.mktemp("controlnet-files"))
+
+
+@pytest.fixture(scope="session")
+def inpaint_model(tiny, tmp_path_factory):
+    """tests/inpaint_helpers.py: a tiny random 9-channel UNet as a diffusers folder (with an adapter) and a single
+    file (do not modify: copy first)."""
+    from inpaint_helpers import make_inpaint_model
+
+    return make_inpaint_model(tmp_path_factory.mktemp("inpaint"), tiny)
+
+
 @pytest.fixture()
 def home_env(tiny_home, monkeypatch) -> Path:
     """SUN_EDGE_HOME pointed at the session's tiny home."""

@@ -64,3 +64,13 @@ def save_layouts(net: Any, unet: Any, folder: Path) -> dict[str, Path]:
     save_file({ldm_key(k, unet): v for k, v in state.items()}, str(folder / "control_tiny_ldm.safetensors"))
     return {"folder": folder / "diffusers", "diffusers": folder / "controlnet-diffusers.safetensors",
             "ldm": folder / "control_tiny_ldm.safetensors"}
+
+
+def condition_image(height: int, width: int) -> Any:
+    """The parity's ControlNet condition (``sun_edge.parity.control_condition``) as an RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    from sun_edge.parity import control_condition
+
+    return Image.fromarray((control_condition(height, width)[0].transpose(1, 2, 0) * 255).astype(np.uint8))

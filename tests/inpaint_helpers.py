@@ -1,12 +1,18 @@
 """A tiny random 9-channel inpainting UNet (sd-1.5-inpainting's layout: latents 4 + mask 1 + masked-image latents 4)
-with tiny-random's text encoder and VAE, written as a diffusers folder (with a SUN adapter) and a single LDM file."""
+with tiny-random's text encoder and VAE, written as a diffusers folder (with a SUN adapter) and a single LDM file;
+the inpainting tests' init picture, mask and 8-bit PSNR."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image, ImageDraw
+
 from ldm_layout import ldm_checkpoint
+
+SIZE = 64
 
 
 def make_inpaint_model(root: Path, tiny: dict[str, Any]) -> dict[str, Any]:
@@ -32,3 +38,22 @@ def make_inpaint_model(root: Path, tiny: dict[str, Any]) -> dict[str, Any]:
     single = Path(root) / "tiny-inpaint.safetensors"
     write_safetensors_atomic(ldm_checkpoint(unet, tiny["text_encoder"], tiny["vae"]), single)
     return {"folder": folder, "single": single, "unet": unet, "adapter": folder / BUNDLED_ADAPTER_FILE}
+
+
+def init_picture(size: int = SIZE) -> Image.Image:
+    image = Image.new("RGB", (size, size), (40, 60, 200))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([4, 4, size // 2, size // 2], fill=(220, 40, 30))
+    draw.rectangle([size // 2 + 4, size // 2 + 4, size - 4, size - 4], fill=(240, 220, 40))
+    return image
+
+
+def right_half(size: int = SIZE) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle([size // 2, 0, size, size], fill=255)
+    return mask
+
+
+def psnr8(a: np.ndarray, b: np.ndarray) -> float:
+    err = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if err == 0 else float(10 * np.log10(255.0**2 / err))

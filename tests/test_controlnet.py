@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from controlnet_helpers import save_layouts, tiny_controlnet
+from controlnet_helpers import condition_image, save_layouts, tiny_controlnet
 from sun_edge.errors import SunEdgeError
 
 SIZE = 64  # image side: latents [1, 4, 8, 8]
@@ -99,19 +99,13 @@ def test_cfg_controlnet_reads_each_text_alone(runtimes, layouts):
         np.testing.assert_allclose(have, want.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def _condition_image() -> Image.Image:
-    from sun_edge.parity import control_condition
-
-    return Image.fromarray((control_condition(96, 80)[0].transpose(1, 2, 0) * 255).astype(np.uint8))
-
-
 @pytest.mark.parametrize("mode", ["sun", "cfg"])
 def test_residuals_change_the_image_and_scale_zero_equals_none(runtimes, mode):
     from sun_edge.pipeline import Pipeline, Settings
 
     with_cn, without = runtimes
     settings = Settings.for_mode(mode, height=SIZE, width=SIZE, steps=4 if mode == "sun" else 3)
-    image = _condition_image()
+    image = condition_image(96, 80)
     plain = np.asarray(Pipeline(without).generate("a red ball", "blue", seeds=[3], settings=settings)[0].image)
     controlled = Pipeline(with_cn).generate("a red ball", "blue", seeds=[3], settings=settings, control_image=image)[0]
     zero = Pipeline(with_cn).generate("a red ball", "blue", seeds=[3], control_image=image,
@@ -127,7 +121,7 @@ def test_batch_items_with_and_without_condition_equal_each_alone(runtimes):
     from sun_edge.pipeline import Job, Pipeline, Settings
 
     pipe, settings = Pipeline(runtimes[0]), Settings(height=SIZE, width=SIZE)
-    image = _condition_image()
+    image = condition_image(96, 80)
     jobs = [Job("a cat", "", 1, control_image=image), Job("a dog", "grey", 2), Job("a cow", "", 3, control_image=image)]
     together = pipe.generate_batch(jobs, settings=settings, max_batch=3)
     for job, got in zip(jobs, together):
@@ -185,7 +179,7 @@ def test_a_control_image_that_is_not_an_image_gets_one_line(tmp_path, runtimes):
     with pytest.raises(SunEdgeError, match="must be a PIL image, got ndarray"):
         Pipeline(runtimes[0]).generate("x", settings=Settings(height=SIZE, width=SIZE), control_image=np.zeros((8, 8)))
     with pytest.raises(SunEdgeError, match="has no ControlNet"):
-        Pipeline(runtimes[1]).generate("x", settings=Settings(height=SIZE, width=SIZE), control_image=_condition_image())
+        Pipeline(runtimes[1]).generate("x", settings=Settings(height=SIZE, width=SIZE), control_image=condition_image(96, 80))
 
 
 @pytest.mark.parametrize("scale", [-0.1, 2.5, float("nan"), "1", True])

@@ -7,17 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from controlnet_helpers import save_layouts, tiny_controlnet
-from sun_edge.errors import SunEdgeError
+from controlnet_helpers import condition_image
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def control_files(tiny, tmp_path_factory):
-    return save_layouts(tiny_controlnet(tiny["unet"]), tiny["unet"], tmp_path_factory.mktemp("controlnet-files"))
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +30,6 @@ def reference(tiny_home, control_files):
     from sun_edge.runtimes.pytorch import TorchRuntime
 
     return TorchRuntime.load(str(tiny_home / "models" / "tiny-random"), controlnet=control_files["ldm"])
-
-
-def _condition() -> Image.Image:
-    from sun_edge.parity import control_condition
-
-    return Image.fromarray((control_condition(SIZE, SIZE)[0].transpose(1, 2, 0) * 255).astype(np.uint8))
 
 
 def test_manifest_records_the_controlnet_and_the_residual_inputs(bundle, control_files):
@@ -69,7 +56,7 @@ def test_onnxruntime_controlnet_image_equals_pytorch(bundle, reference, mode):
 
     runtime = OnnxRuntime.open(bundle)
     settings = Settings.for_mode(mode, height=SIZE, width=SIZE, steps=4)
-    image = _condition()
+    image = condition_image(SIZE, SIZE)
     got = Pipeline(runtime, runtime.tokenizer()).generate("a ring", "box", seeds=[5], settings=settings,
                                                          control_image=image)[0]
     want = Pipeline(reference).generate("a ring", "box", seeds=[5], settings=settings, control_image=image)[0]
@@ -112,7 +99,7 @@ def test_cli_generates_with_a_bundles_controlnet(bundle, tmp_path, home_env):
     from sun_edge.imaging import read_parameters
 
     cond = tmp_path / "edges.png"
-    _condition().save(cond)
+    condition_image(SIZE, SIZE).save(cond)
     out = tmp_path / "out.png"
     assert main(["generate", "--bundle", str(bundle), "--prompt", "a ring", "--control-image", str(cond),
                  "--control-scale", "0.5", "-o", str(out)]) == 0
@@ -123,7 +110,7 @@ def test_cli_flags_that_need_each_other_get_one_line(bundle, tmp_path, capsys, c
     from cli_helpers import error_line, run
 
     cond = tmp_path / "edges.png"
-    _condition().save(cond)
+    condition_image(SIZE, SIZE).save(cond)
     cases = [
         (["--bundle", str(bundle), "--control-scale", "0.5"], "need --control-image"),
         (["--bundle", str(bundle), "--control-image", str(cond), "--controlnet", str(control_files["ldm"])],

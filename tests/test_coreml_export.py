@@ -39,15 +39,7 @@ export("coreml", "tiny-random", sys.argv[1], options=CoreMLOptions(height={size}
 
 
 @pytest.fixture(scope="session")
-def coreml_control_files(tiny, tmp_path_factory):
-    """The tiny random ControlNet's files (controlnet_helpers: its LDM-layout file is what the bundle exports)."""
-    from controlnet_helpers import save_layouts, tiny_controlnet
-
-    return save_layouts(tiny_controlnet(tiny["unet"]), tiny["unet"], tmp_path_factory.mktemp("coreml-controlnet"))
-
-
-@pytest.fixture(scope="session")
-def _coreml_exports(tmp_path_factory, tiny_home, coreml_control_files):
+def _coreml_exports(tmp_path_factory, tiny_home, control_files):
     root = tmp_path_factory.mktemp("coreml")
     env = {**os.environ, "SUN_EDGE_HOME": str(tiny_home), "HF_HUB_OFFLINE": "1"}
     cli = [sys.executable, "-m", "sun_edge.cli", "export", "--model", "tiny-random", "--target", "coreml",
@@ -55,7 +47,7 @@ def _coreml_exports(tmp_path_factory, tiny_home, coreml_control_files):
     commands = {
         "fp16": [*cli, "-o", str(root / "fp16")],
         "pal6": [sys.executable, "-c", PALETTIZED_EXPORT.format(size=SIZE), str(root / "pal6")],
-        "controlnet": [*cli, "--controlnet", str(coreml_control_files["ldm"]), "-o", str(root / "controlnet")],
+        "controlnet": [*cli, "--controlnet", str(control_files["ldm"]), "-o", str(root / "controlnet")],
     }
     jobs = {}
     for name, cmd in commands.items():
@@ -386,7 +378,7 @@ def test_core_ml_parity_on_every_compute_unit(coreml_bundle, tiny_reference):
         assert coreml_parity(tiny_reference, coreml_bundle, backend="coreml", compute_units=units)["passed"], units
 
 
-def test_controlnet_bundle_layout_and_parity(controlnet_bundle, coreml_control_files):
+def test_controlnet_bundle_layout_and_parity(controlnet_bundle, control_files):
     """ml-stable-diffusion's layout: ControlledUnet with the 13 residual inputs, controlnet/<Name>.mlpackage beside
     it (batch 1: Core ML runs SUN only); every row, ControlNet's included, passed the fp16 floors at export."""
     from sun_edge.runtimes.coreml_mil import MILEvaluator
@@ -396,7 +388,7 @@ def test_controlnet_bundle_layout_and_parity(controlnet_bundle, coreml_control_f
     files = {name: c.file for name, c in m.components.items()}
     assert files == {**PACKAGES, "unet": "ControlledUnet.mlpackage", "controlnet": "controlnet/ControlTinyLdm.mlpackage"}
     assert sorted(p.name for p in (controlnet_bundle / "controlnet").iterdir()) == ["ControlTinyLdm.mlpackage"]
-    assert m.controlnet["sha256"] == sha256_file(coreml_control_files["ldm"])
+    assert m.controlnet["sha256"] == sha256_file(control_files["ldm"])
     residuals = [f"down_block_res_{i}" for i in range(12)] + ["mid_block_res"]
     unet, control = m.components["unet"], m.components["controlnet"]
     assert [s.name for s in unet.inputs][4:] == residuals == [s.name for s in control.outputs]
@@ -414,20 +406,19 @@ def test_controlnet_bundle_layout_and_parity(controlnet_bundle, coreml_control_f
     assert rows["controlnet"]["psnr_db"] < 100.0  # fp16 rounding, measurably: the evaluator ran the fp16 program
 
 
-def test_controlnet_image_through_the_evaluator_equals_pytorch(controlnet_bundle, coreml_control_files, tiny_home):
+def test_controlnet_image_through_the_evaluator_equals_pytorch(controlnet_bundle, control_files, tiny_home):
     """A whole ControlNet image from the Core ML bundle (NumPy MIL evaluator) against the PyTorch reference with the
     same ControlNet file; the condition changes the picture; CFG mode and a batch of 2 get one line each."""
-    from PIL import Image
-
-    from sun_edge.parity import control_condition, psnr
+    from controlnet_helpers import condition_image
+    from sun_edge.parity import psnr
     from sun_edge.pipeline import Pipeline, Settings
     from sun_edge.runtimes.coreml import CoreMLRuntime
     from sun_edge.runtimes.pytorch import TorchRuntime
 
     with pytest.warns(UserWarning, match="NumPy MIL evaluator"):
         runtime = CoreMLRuntime.open(controlnet_bundle, backend="mil")
-    reference = TorchRuntime.load(str(tiny_home / "models" / "tiny-random"), controlnet=coreml_control_files["ldm"])
-    condition = Image.fromarray((control_condition(SIZE, SIZE)[0].transpose(1, 2, 0) * 255).astype(np.uint8))
+    reference = TorchRuntime.load(str(tiny_home / "models" / "tiny-random"), controlnet=control_files["ldm"])
+    condition = condition_image(SIZE, SIZE)
     settings = Settings.for_mode("sun", height=SIZE, width=SIZE, steps=4)
     pipe = Pipeline(runtime, runtime.tokenizer())
     got = pipe.generate("a ring", "box", seeds=[5], settings=settings, control_image=condition)[0]

@@ -9,28 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from inpaint_helpers import make_inpaint_model
+from inpaint_helpers import SIZE, init_picture, psnr8, right_half
 from sun_edge import editing, noise
 from sun_edge.errors import SunEdgeError
 from sun_edge.pipeline import Pipeline, Settings
-
-SIZE = 64
-
-
-def init_picture(size: int = SIZE) -> Image.Image:
-    image = Image.new("RGB", (size, size), (40, 60, 200))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse([4, 4, size // 2, size // 2], fill=(220, 40, 30))
-    draw.rectangle([size // 2 + 4, size // 2 + 4, size - 4, size - 4], fill=(240, 220, 40))
-    return image
-
-
-def right_half(size: int = SIZE) -> Image.Image:
-    mask = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask).rectangle([size // 2, 0, size, size], fill=255)
-    return mask
 
 
 class Recording:
@@ -49,11 +33,6 @@ class Recording:
     def decode(self, latents):
         self.decoded.append(latents.copy())
         return self.runtime.decode(latents)
-
-
-def psnr8(a: np.ndarray, b: np.ndarray) -> float:
-    err = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if err == 0 else float(10 * np.log10(255.0**2 / err))
 
 
 # --- the mask
@@ -109,12 +88,6 @@ def test_paste_back_returns_the_original_pixels_outside_the_mask(tiny_reference,
 
 
 # --- a 9-channel inpainting UNet (sd-1.5-inpainting layout), tiny and random
-
-@pytest.fixture(scope="module")
-def inpaint_model(tmp_path_factory, tiny):
-    """tests/inpaint_helpers.py: a tiny random 9-channel UNet as a diffusers folder (with an adapter) and a single file."""
-    return make_inpaint_model(tmp_path_factory.mktemp("inpaint"), tiny)
-
 
 @pytest.fixture(scope="module")
 def inpaint_runtime(inpaint_model):

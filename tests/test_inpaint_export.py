@@ -8,16 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inpaint_helpers import make_inpaint_model
+from inpaint_helpers import SIZE, init_picture, psnr8, right_half
 from sun_edge.bundle import open_bundle
 from sun_edge.export.targets import ONNX_FP32
 from sun_edge.pipeline import Pipeline, Settings
-from test_inpaint import SIZE, init_picture, psnr8, right_half
-
-
-@pytest.fixture(scope="module")
-def inpaint_model(tmp_path_factory, tiny):
-    return make_inpaint_model(tmp_path_factory.mktemp("inpaint-export"), tiny)
 
 
 @pytest.fixture(scope="module")

@@ -137,15 +137,13 @@ def test_openvino_export_options_are_one_line(home_env, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def controlnet_ir_bundle(tiny_home, tiny, tmp_path_factory):
-    from controlnet_helpers import save_layouts, tiny_controlnet
+def controlnet_ir_bundle(tiny_home, control_files, tmp_path_factory):
     from sun_edge.bundle_parity import export_parity
     from sun_edge.export import export
     from sun_edge.export.openvino import OpenVinoOptions
 
-    files = save_layouts(tiny_controlnet(tiny["unet"]), tiny["unet"], tmp_path_factory.mktemp("ov-controlnet"))
     out = tmp_path_factory.mktemp("ovc") / "ir"
-    export("openvino", str(tiny_home / "models" / "tiny-random"), out, controlnet=files["ldm"], parity=export_parity,
+    export("openvino", str(tiny_home / "models" / "tiny-random"), out, controlnet=control_files["ldm"], parity=export_parity,
            options=OpenVinoOptions(height=64, width=64, with_baseline=True, precision="fp32"), progress=False)
     return out
 

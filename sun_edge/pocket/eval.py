@@ -181,12 +181,14 @@ class NegativeSteering:
 
 
 def negative_steering(pipe: Pipeline, classifier: Any, settings: Settings, *, seeds_per_shape: int,
-                      colours: Sequence[str] = COLOURS, progress: Callable[[], None] | None = None) -> NegativeSteering:
-    """``a <shape>`` for every shape, ``seeds_per_shape`` seeds; once with no negative, once per colour as it."""
+                      colours: Sequence[str] = COLOURS, progress: Callable[[], None] | None = None,
+                      first_seed: int = 1000) -> NegativeSteering:
+    """``a <shape>`` for every shape, ``seeds_per_shape`` seeds from ``first_seed`` on (``sun-edge eval``: 1000);
+    once with no negative, once per colour as it."""
     from sun_edge.pocket.classifier import predict
 
     prompts = [f"a {shape}" for shape in SHAPES for _ in range(seeds_per_shape)]
-    seeds = [1000 + i for i in range(len(prompts))]
+    seeds = [first_seed + i for i in range(len(prompts))]
     base = predict(classifier, generate_images(pipe, prompts, seeds, settings, "", progress))["colour"]
     without, with_neg, hits_without, hits_with = {}, {}, {}, {}
     for colour in colours:
