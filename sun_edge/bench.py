@@ -25,9 +25,17 @@ above the runtime's ``max_batch`` (a bundle's batch range) is refused before any
 ``only``: fnmatch patterns naming the forms to time (``unet_*``, ``sun4*``), so a full-size run can
 skip what it does not need.
 
+``low_memory``: each runtime holds only the graphs of the form being timed; the others are released
+before it runs (``Runtime.release``) and loaded again, with an untimed warm-up call, when a later form
+needs them. Peak memory is then that of the largest form on all runtimes together instead of every
+graph of every runtime (a full-size ONNX Runtime fp32 bundle holds 12-15 GB for the steps alone), at
+the cost of reloading graphs between forms (untimed). The figures are measured as before: each form
+still runs warm, interleaved with the same forms on the other runtimes, repeat by repeat.
+
 Memory: the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) when the
 benchmark starts (after the caller loaded the runtime), after the warm-up (every graph has run
-once: runtimes that open sessions lazily have loaded them by then) and at the end: a high-water
+once: runtimes that open sessions lazily have loaded them by then; with ``low_memory``, after the first
+repeat) and at the end: a high-water
 mark of the whole process (Python, libraries, weights, activations), so each includes the one before.
 NumPy only: the runtime brings its own library.
 """
@@ -48,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from sun_edge.errors import SunEdgeError
-from sun_edge.components import Runtime
+from sun_edge.components import COMPONENTS, Runtime
 from sun_edge.parity import DEFAULT_NEGATIVE, DEFAULT_PROMPT
 from sun_edge.pipeline import Pipeline, Settings
 
@@ -240,6 +248,21 @@ class _Forms:
     steps: dict[str, Callable[[], Any]]
     images: dict[str, tuple[Pipeline, Settings, list[int]]]
     warm: dict[str, tuple[Callable[[], Any], ...]]
+    uses: dict[str, frozenset[str]]  # form -> the components (graphs) it runs
+
+
+def _uses(form: str, tiny: bool) -> frozenset[str]:
+    """The components a form runs (``_forms``' names): what ``low_memory`` keeps loaded while it is timed."""
+    if form == "text_encode":
+        return frozenset({"text_encoder"})
+    if form.startswith("unet_sun_"):
+        return frozenset({"unet"})
+    if form.startswith(("unet_plain_", "unet_cfg_")):
+        return frozenset({"unet_plain"})
+    if form in ("vae_decode", "vae_decode_tiny"):
+        return frozenset({"vae_decoder_tiny" if form.endswith("tiny") else "vae_decoder"})
+    decoder = "vae_decoder_tiny" if tiny else "vae_decoder"
+    return frozenset({"text_encoder", "unet" if form.startswith("sun4") else "unet_plain", decoder})
 
 
 def _forms(runtime: Runtime, *, height: int, width: int, steps_only: bool, seed: int, prompt: str,
@@ -287,7 +310,8 @@ def _forms(runtime: Runtime, *, height: int, width: int, steps_only: bool, seed:
     order = ["text_encode", *[k for k in steps if k.startswith("unet_")], "vae_decode", "vae_decode_tiny"]
     steps = {k: steps[k] for k in order if k in steps}
     warm.update({k: (fn,) for k, fn in steps.items()})
-    return _Forms(runtime, steps, images, warm)
+    uses = {form: _uses(form, form == "sun4_tiny") for form in [*steps, *images]}
+    return _Forms(runtime, steps, images, warm, uses)
 
 
 def _select(all_forms: list[_Forms], only: Sequence[str] | None) -> list[_Forms]:
@@ -303,26 +327,54 @@ def _select(all_forms: list[_Forms], only: Sequence[str] | None) -> list[_Forms]
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in only)
 
     return [_Forms(f.runtime, {k: v for k, v in f.steps.items() if keep(k)},
-                   {k: v for k, v in f.images.items() if keep(k)}, f.warm) for f in all_forms]
+                   {k: v for k, v in f.images.items() if keep(k)}, f.warm, f.uses) for f in all_forms]
 
 
-def _measure(all_forms: list[_Forms], *, repeats: int, prompt: str,
-             negative_prompt: str) -> tuple[list[dict[str, list[float]]], list[dict[str, int]], float]:
+class _Holder:
+    """``low_memory``: which of one runtime's graphs are loaded, and which forms have run warm since they loaded."""
+
+    def __init__(self, forms: _Forms) -> None:
+        self.forms = forms
+        self.held: set[str] = set(COMPONENTS)  # unknown at first: whatever the caller loaded is released
+        self.warmed: set[str] = set()
+
+    def prepare(self, form: str) -> None:
+        """Release the graphs ``form`` does not run; warm it (untimed, loading what it needs) if not warm."""
+        needed = self.forms.uses[form]
+        for component in sorted(self.held - needed):
+            self.forms.runtime.release(component)
+        if self.held - needed:
+            self.held &= needed
+            self.warmed = {f for f in self.warmed if self.forms.uses[f] <= self.held}
+        if form not in self.warmed:
+            for fn in self.forms.warm[form]:
+                fn()
+            self.warmed.add(form)
+            self.held |= needed
+
+
+def _measure(all_forms: list[_Forms], *, repeats: int, prompt: str, negative_prompt: str,
+             low_memory: bool = False) -> tuple[list[dict[str, list[float]]], list[dict[str, int]], float]:
     """Warm every step form of every runtime once, then time each form on each runtime in turn, repeat by repeat.
 
     The warm-up calls every graph (at every shape) the chosen forms use once, untimed, which also opens lazy sessions.
+    ``low_memory``: no warm-up of everything first; each form is warmed when its graphs (re)load (module docstring).
     """
-    for forms in all_forms:
-        calls_once = {id(fn): fn for form in [*forms.steps, *forms.images] for fn in forms.warm[form]}
-        for fn in calls_once.values():
-            fn()
+    holders = [_Holder(forms) for forms in all_forms] if low_memory else None
+    if holders is None:
+        for forms in all_forms:
+            calls_once = {id(fn): fn for form in [*forms.steps, *forms.images] for fn in forms.warm[form]}
+            for fn in calls_once.values():
+                fn()
     rss_warm = peak_rss_mib()
     seconds = [{form: [] for form in [*f.steps, *f.images]} for f in all_forms]
     calls: list[dict[str, int]] = [{} for _ in all_forms]
     order = list(dict.fromkeys(form for f in all_forms for form in [*f.steps, *f.images]))
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for form in order:
-            for forms, secs, n in zip(all_forms, seconds, calls):
+            for k, (forms, secs, n) in enumerate(zip(all_forms, seconds, calls)):
+                if holders is not None and form in forms.uses:
+                    holders[k].prepare(form)
                 if form in forms.steps:
                     start = time.perf_counter()
                     forms.steps[form]()
@@ -334,6 +386,8 @@ def _measure(all_forms: list[_Forms], *, repeats: int, prompt: str,
                                                  max_batch=len(seeds))
                     secs[form].append(time.perf_counter() - start)
                     n[form] = result[0].unet_calls
+        if holders is not None and repeat == 0:
+            rss_warm = peak_rss_mib()
     return seconds, calls, rss_warm
 
 
@@ -352,11 +406,11 @@ def _about(runtime: Runtime, *, height: int, width: int, repeats: int, seed: int
 def run_bench(runtime: Runtime, *, repeats: int = 3, height: int = 512, width: int = 512, steps_only: bool = False,
               seed: int = 0, prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE,
               info: dict[str, Any] | None = None, batches: Sequence[int] = (1,),
-              only: Sequence[str] | None = None) -> BenchResult:
+              only: Sequence[str] | None = None, low_memory: bool = False) -> BenchResult:
     """Time the step forms and (unless ``steps_only``) the whole images, interleaved (module docstring)."""
     return run_bench_many([runtime], repeats=repeats, height=height, width=width, steps_only=steps_only, seed=seed,
                           prompt=prompt, negative_prompt=negative_prompt, infos=[info], batches=batches,
-                          only=only).results[runtime.name]
+                          only=only, low_memory=low_memory).results[runtime.name]
 
 
 @dataclass(frozen=True)
@@ -413,11 +467,12 @@ def run_bench_many(runtimes: Sequence[Runtime], *, repeats: int = 3, height: int
                    steps_only: bool = False, seed: int = 0, prompt: str = DEFAULT_PROMPT,
                    negative_prompt: str = DEFAULT_NEGATIVE,
                    infos: Sequence[dict[str, Any] | None] | None = None, batches: Sequence[int] = (1,),
-                   only: Sequence[str] | None = None) -> BenchComparison:
+                   only: Sequence[str] | None = None, low_memory: bool = False) -> BenchComparison:
     """Time several runtimes in one process: every form on each runtime in turn, repeat by repeat (module docstring).
 
     ``infos``: extra fields for each runtime's result (its bundle, options), in the order of ``runtimes``;
-    ``batches``: the batch sizes to time SUN 4 and CFG 25 at; ``only``: fnmatch patterns of the forms to time.
+    ``batches``: the batch sizes to time SUN 4 and CFG 25 at; ``only``: fnmatch patterns of the forms to time;
+    ``low_memory``: hold only the graphs of the form being timed (module docstring).
     """
     if repeats < 1:
         raise SunEdgeError(f"repeats must be at least 1, got {repeats}")
@@ -433,12 +488,13 @@ def run_bench_many(runtimes: Sequence[Runtime], *, repeats: int = 3, height: int
     rss_loaded = peak_rss_mib()
     all_forms = _select([_forms(r, height=height, width=width, steps_only=steps_only, seed=seed, prompt=prompt,
                                 negative_prompt=negative_prompt, batches=sizes) for r in runtimes], only)
-    seconds, calls, rss_warm = _measure(all_forms, repeats=repeats, prompt=prompt, negative_prompt=negative_prompt)
+    seconds, calls, rss_warm = _measure(all_forms, repeats=repeats, prompt=prompt, negative_prompt=negative_prompt,
+                                        low_memory=low_memory)
     results = {}
     for runtime, forms, secs, n, info in zip(runtimes, all_forms, seconds, calls, infos):
         about = _about(runtime, height=height, width=width, repeats=repeats, seed=seed, steps_only=steps_only,
                        info=info, rss_loaded=rss_loaded, rss_warm=rss_warm)
-        about.update(batches=list(sizes), only=list(only) if only else None)
+        about.update(batches=list(sizes), only=list(only) if only else None, low_memory=low_memory)
         results[runtime.name] = BenchResult(secs, n, {form: st.steps for form, (_, st, _) in forms.images.items()},
                                             about)
     return BenchComparison(results)

@@ -59,6 +59,9 @@ def add_check_parsers(sub: Any) -> None:
     b.add_argument("--only", nargs="+", metavar="FORM",
                    help="time only these forms (fnmatch patterns, e.g. 'unet_*' sun4 'sun4_b*'; the forms are listed "
                         "in the table and in an error for a pattern that names none)")
+    b.add_argument("--low-memory", action="store_true",
+                   help="hold only the graphs of the form being timed, reloading them between forms (untimed): "
+                        "for full-size models, several runtimes side by side on a small machine")
     b.add_argument("--json", type=Path, help="also write every figure (and the machine) to this file")
 
 
@@ -136,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      for r in runtimes]
             compared = run_bench_many(runtimes, repeats=args.repeats, height=size[0], width=size[1],
                                       steps_only=args.steps_only, seed=args.seed, infos=infos, batches=args.batch,
-                                      only=args.only)
+                                      only=args.only, low_memory=args.low_memory)
             print(compared.table())
             if args.json:
                 _write_json(args.json, compared.to_dict())
@@ -152,7 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         info.update(precision=args.precision, device=args.device, vae_decoder=args.vae_decoder, optimize=args.optimize)
         size = size or (runtime.native_size, runtime.native_size)
     result = run_bench(runtime, repeats=args.repeats, height=size[0], width=size[1], steps_only=args.steps_only,
-                       seed=args.seed, info=info, batches=args.batch, only=args.only)
+                       seed=args.seed, info=info, batches=args.batch, only=args.only, low_memory=args.low_memory)
     print(result.table())
     if args.json:
         _write_json(args.json, result.to_dict())

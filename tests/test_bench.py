@@ -287,3 +287,69 @@ def test_bench_cli_batches(home_env, tmp_path, capsys):
     assert lines[head + 3].split()[1:6] == ["-"] * 5  # whole images not timed
     code, _, err = run(capsys, "bench", "--model", "tiny-random", *SMALL, "--batch", "0")
     assert code == 2 and error_line(err) == "error: --batch takes positive whole numbers, got 0"
+
+
+class Holding(Counting):
+    """Counting, and which components are held: a call loads its component, ``release`` drops it."""
+
+    def __init__(self, runtime: TorchRuntime) -> None:
+        super().__init__(runtime)
+        self.held, self.most, self.released = set(), [], []
+
+    def _use(self, component):
+        self.held.add(component)
+        self.most.append(frozenset(self.held))
+
+    def unet(self, latents, t, pos, neg):
+        self._use("unet")
+        return super().unet(latents, t, pos, neg)
+
+    def unet_plain(self, latents, t, emb):
+        self._use("unet_plain")
+        return super().unet_plain(latents, t, emb)
+
+    def encode_text(self, ids):
+        self._use("text_encoder")
+        return self._runtime.encode_text(ids)
+
+    def decode_full(self, latents):
+        self._use("vae_decoder")
+        return self._runtime.decode_full(latents)
+
+    def release(self, component):
+        self.released.append(component)
+        self.held.discard(component)
+
+
+def test_low_memory_holds_only_the_graphs_of_the_form_being_timed(tiny):
+    """--low-memory: at every call the runtime holds at most one form's components (a UNet never beside the
+    other); each form is still timed once per repeat, warm (an untimed call after every reload)."""
+    parts = copy.deepcopy(tiny)
+    runtime = Holding(TorchRuntime(parts["unet"], parts["text_encoder"], parts["vae"],
+                                   SUNAdapter.from_unet(parts["unet"]).randomize_(1)))
+    result = run_bench(runtime, repeats=2, height=64, width=64, low_memory=True)
+    forms = {frozenset({"text_encoder"}), frozenset({"unet"}), frozenset({"unet_plain"}), frozenset({"vae_decoder"}),
+             frozenset({"text_encoder", "unet", "vae_decoder"}), frozenset({"text_encoder", "unet_plain", "vae_decoder"})}
+    assert runtime.most and all(any(held <= f for f in forms) for held in runtime.most)
+    assert not any({"unet", "unet_plain"} <= held for held in runtime.most)
+    assert {form: len(v) for form, v in result.seconds.items()} == {
+        "text_encode": 2, "unet_sun_b1": 2, "unet_plain_b1": 2, "unet_cfg_b2": 2, "vae_decode": 2, "sun4": 2, "cfg25": 2}
+    assert "unet" in runtime.released and "unet_plain" in runtime.released and result.info["low_memory"] is True
+    sun_calls = [c for c in runtime.calls if c[0] == "sun"]
+    # per repeat: the SUN step (reloaded: warm + timed) and the 4-step image (reloaded: one warm step + 4)
+    assert len(sun_calls) == 2 * ((1 + 1) + (1 + 4))
+    normal = Holding(TorchRuntime(parts["unet"], parts["text_encoder"], parts["vae"],
+                                  SUNAdapter.from_unet(parts["unet"]).randomize_(1)))
+    run_bench(normal, repeats=1, height=64, width=64, steps_only=True)
+    assert normal.released == [] and {"unet", "unet_plain"} <= normal.held  # without it, everything stays loaded
+
+
+def test_bench_a_bundle_low_memory(onnx_fp32_bundle, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "lean.json"
+    code, _, err = run(capsys, "bench", "--bundle", str(onnx_fp32_bundle), "--repeats", "2", "--steps-only",
+                       "--low-memory", "--json", str(out))
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["low_memory"] is True and all(len(v) == 2 for v in data["seconds"].values())
+    check_ratios(data)
