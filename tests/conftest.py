@@ -10,20 +10,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 
-# Fixtures so costly to make (exports) that every test using them should run in one worker of ``pytest -n``.
-SHARED_EXPORTS = ("_onnx_exports",)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Group tests for pytest-xdist (``--dist loadgroup``, pyproject's addopts): a module's tests run in one worker
-    (its module-scoped exports are made once), and so do all the tests of the modules that share the session's ONNX
-    exports. Runs before xdist reads the groups."""
-    sharing = {item.module.__name__ for item in items if any(name in item.fixturenames for name in SHARED_EXPORTS)}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("onnx-exports" if module in sharing else module))
-
 
 def _one_torch_thread():
     """Tiny models run as fast on one thread, and two OpenMP threads crawl when other processes share the cores."""
