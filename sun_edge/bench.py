@@ -34,9 +34,9 @@ still runs warm, interleaved with the same forms on the other runtimes, repeat b
 
 Memory: the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) when the
 benchmark starts (after the caller loaded the runtime), after the warm-up (every graph has run
-once: runtimes that open sessions lazily have loaded them by then; with ``low_memory``, after the first
-repeat) and at the end: a high-water
-mark of the whole process (Python, libraries, weights, activations), so each includes the one before.
+once: runtimes that open sessions lazily have loaded them by then; with ``low_memory``, after the
+first repeat) and at the end: a high-water mark of the whole process (Python, libraries, weights,
+activations), so each includes the one before.
 NumPy only: the runtime brings its own library.
 """
 
@@ -248,21 +248,7 @@ class _Forms:
     steps: dict[str, Callable[[], Any]]
     images: dict[str, tuple[Pipeline, Settings, list[int]]]
     warm: dict[str, tuple[Callable[[], Any], ...]]
-    uses: dict[str, frozenset[str]]  # form -> the components (graphs) it runs
-
-
-def _uses(form: str, tiny: bool) -> frozenset[str]:
-    """The components a form runs (``_forms``' names): what ``low_memory`` keeps loaded while it is timed."""
-    if form == "text_encode":
-        return frozenset({"text_encoder"})
-    if form.startswith("unet_sun_"):
-        return frozenset({"unet"})
-    if form.startswith(("unet_plain_", "unet_cfg_")):
-        return frozenset({"unet_plain"})
-    if form in ("vae_decode", "vae_decode_tiny"):
-        return frozenset({"vae_decoder_tiny" if form.endswith("tiny") else "vae_decoder"})
-    decoder = "vae_decoder_tiny" if tiny else "vae_decoder"
-    return frozenset({"text_encoder", "unet" if form.startswith("sun4") else "unet_plain", decoder})
+    uses: dict[str, frozenset[str]]  # form -> the components (graphs) it runs: what ``low_memory`` keeps loaded
 
 
 def _forms(runtime: Runtime, *, height: int, width: int, steps_only: bool, seed: int, prompt: str,
@@ -282,8 +268,10 @@ def _forms(runtime: Runtime, *, height: int, width: int, steps_only: bool, seed:
     images: dict[str, tuple[Pipeline, Settings, list[int]]] = {}
     full_pipe = Pipeline(_WithDecoder(runtime, full), pipe.tokenizer)
     steps["vae_decode"] = lambda: full(x)
+    uses = {"text_encode": frozenset({"text_encoder"}), "vae_decode": frozenset({"vae_decoder"})}
     if tiny is not None:
         steps["vae_decode_tiny"] = lambda: tiny(x)
+        uses["vae_decode_tiny"] = frozenset({"vae_decoder_tiny"})
     warm: dict[str, tuple[Callable[[], Any], ...]] = {}
     for b in batches:  # B seeds' noise, each seed's own: what Pipeline.generate stacks for a batch of B
         xb = np.concatenate([x] + [pipe.initial_latents(seed + k, sun) for k in range(1, b)])  # [B, 4, h, w]
@@ -292,25 +280,30 @@ def _forms(runtime: Runtime, *, height: int, width: int, steps_only: bool, seed:
         sun_step, cfg_step = step_forms(b)
         if has_sun:
             steps[sun_step] = lambda xb=xb, pb=pb, nb=nb: runtime.unet(xb, t, pb, nb)
+            uses[sun_step] = frozenset({"unet"})
         if plain is not None:
             if b == 1:
                 steps["unet_plain_b1"] = lambda: plain(x, t, pos)
+                uses["unet_plain_b1"] = frozenset({"unet_plain"})
             steps[cfg_step] = lambda x2=x2, context=context: plain(x2, t, context)
+            uses[cfg_step] = frozenset({"unet_plain"})
         sun_image, cfg_image = image_forms(b)
         seeds = [seed + k for k in range(b)]
         if not steps_only and has_sun:
             images[sun_image] = (full_pipe, sun, seeds)
             warm[sun_image] = (steps[sun_step], steps["text_encode"], steps["vae_decode"])
+            uses[sun_image] = uses[sun_step] | uses["text_encode"] | uses["vae_decode"]
         if not steps_only and plain is not None:
             images[cfg_image] = (full_pipe, cfg, seeds)
             warm[cfg_image] = (steps[cfg_step], steps["text_encode"], steps["vae_decode"])
+            uses[cfg_image] = uses[cfg_step] | uses["text_encode"] | uses["vae_decode"]
     if tiny is not None and not steps_only and has_sun and 1 in batches:
         images["sun4_tiny"] = (Pipeline(_WithDecoder(runtime, tiny), pipe.tokenizer), sun, [seed])
         warm["sun4_tiny"] = (steps["unet_sun_b1"], steps["text_encode"], steps["vae_decode_tiny"])
+        uses["sun4_tiny"] = uses["unet_sun_b1"] | uses["text_encode"] | uses["vae_decode_tiny"]
     order = ["text_encode", *[k for k in steps if k.startswith("unet_")], "vae_decode", "vae_decode_tiny"]
     steps = {k: steps[k] for k in order if k in steps}
     warm.update({k: (fn,) for k, fn in steps.items()})
-    uses = {form: _uses(form, form == "sun4_tiny") for form in [*steps, *images]}
     return _Forms(runtime, steps, images, warm, uses)
 
 
@@ -341,9 +334,10 @@ class _Holder:
     def prepare(self, form: str) -> None:
         """Release the graphs ``form`` does not run; warm it (untimed, loading what it needs) if not warm."""
         needed = self.forms.uses[form]
-        for component in sorted(self.held - needed):
+        drop = self.held - needed
+        for component in sorted(drop):
             self.forms.runtime.release(component)
-        if self.held - needed:
+        if drop:
             self.held &= needed
             self.warmed = {f for f in self.warmed if self.forms.uses[f] <= self.held}
         if form not in self.warmed:
