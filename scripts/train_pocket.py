@@ -5,7 +5,7 @@
                                    [--time-box STAGE=SECONDS ...] [--no-cuda-graph] [--quick]
                                    [--threads N] [--scale X] [--save-precision fp16|fp32]
                                    [--base MODEL] [--adapter-steps N] [--adapter-lr LR]
-                                   [--adapter-negatives attributes|colours]
+                                   [--adapter-negatives attributes|colours] [--adapter-caption-drop D]
 
 scripts/train_pocket_gpu.sh runs the GPU plan the shipped family came from (toon and the three
 adapters side by side); docs/pocket.md says how the shipped weights were made.
@@ -62,6 +62,10 @@ NEGATIVE_PHRASES = 1
 # the 8 colour words alone, for a continuation that spends the non-empty negatives on what Fig. 5 asks (a
 # colour the prompt leaves open); with 0..1 phrases, half the examples still see the empty negative.
 NEGATIVE_POOLS = ("attributes", "colours")
+# ``--adapter-caption-drop D``: the adapter stage trains on the plain world's images under captions drawn again
+# with each optional attribute left out with probability D (the data stage's is 0.25), in data/plain-drop{D}/.
+# The images are the same (world.make_example draws the mention before the layout), so only the share of open
+# prompts changes: Fig. 5 asks SUN to steer ``a <shape>``, whose colour the prompt leaves open.
 # The adapter's AdamW learning rate. The paper's 1e-4 (for SD1.5, batch 32, 5k steps) left the first
 # shipped adapter's weights at their initialisation after ~1400 steps (alpha 1.00 +- 0.02, beta
 # 0.00 +- 0.02, to_k_neg/to_v_neg std 0.10-0.11 as initialised): this 44k-parameter adapter needs more.
@@ -287,7 +291,10 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
         tmp_init = init.with_name(f".{init.name}.{os.getpid()}")
         save_adapter(start, tmp_init, dtype=torch.float32)
         os.replace(tmp_init, init)
-    config = TrainConfig(model=str(outputs(out)["base"]), data=outputs(out)["data"] / "plain", output=dst,
+    data = outputs(out)["data"] / "plain"
+    if args.adapter_caption_drop is not None:
+        data = open_caption_data(data, args.adapter_caption_drop, args)
+    config = TrainConfig(model=str(outputs(out)["base"]), data=data, output=dst,
                          init_adapter=init, extra_positive=EXTRA_POSITIVE,
                          negative_pool=pool, max_negative_phrases=NEGATIVE_PHRASES,
                          resolution=64, batch_size=batch, max_steps=steps, msc_probability=ADAPTER_P[stage],
@@ -310,8 +317,20 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
             "final_loss": last,
             "msc_probability": ADAPTER_P[stage], "resolution": 64, "learning_rate": plan.adapter_lr,
             "negatives": f"0..{NEGATIVE_PHRASES} of " + ("world.COLOURS" if colours else "world.attribute_negatives()"),
-            "start_step": result.start_step,
+            "start_step": result.start_step, "data": str(data.relative_to(out)),
             "init": f"adapter_from_cross_attention(alpha={ADAPTER_INIT_ALPHA:g}, extra_positive={EXTRA_POSITIVE})", "examples_per_second": result.examples_per_second}
+
+
+def open_caption_data(plain: Path, drop: float, args: argparse.Namespace) -> Path:
+    """``plain``'s images under captions that leave each optional attribute out with probability ``drop``."""
+    from sun_edge.pocket.world import write_dataset
+
+    world = json.loads((plain / "world.json").read_text(encoding="utf-8"))
+    folder = plain.with_name(f"plain-drop{drop:g}")
+    if not (folder / "world.json").is_file():  # write_dataset builds it aside and renames it when complete
+        write_dataset(folder, world["n"], seed=world["seed"], style=world["style"], drop=drop,
+                      resolution=world["resolution"], progress=not args.no_progress)
+    return folder
 
 
 def run_stage(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
@@ -347,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-negatives", choices=NEGATIVE_POOLS, default="attributes",
                         help="adapter stages: the negative phrase pool (default attributes: the world's 26 attribute "
                              "phrases; colours: its 8 colours, to continue a run towards Fig. 5)")
+    parser.add_argument("--adapter-caption-drop", type=float, metavar="D",
+                        help="adapter stages: train on captions that leave each optional attribute out with "
+                             "probability D (default: the data stage's captions, D = 0.25)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every stage's steps (e.g. 10 on a GPU, where an hour's CPU plan takes minutes)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's; 1 on a shared machine)")
@@ -371,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.adapter_caption_drop is not None and not 0 <= args.adapter_caption_drop <= 1:
+        print(f"error: --adapter-caption-drop must be in [0, 1], got {args.adapter_caption_drop}", file=sys.stderr)
+        return 2
     if args.scale <= 0:
         print(f"error: --scale must be positive, got {args.scale}", file=sys.stderr)
         return 2

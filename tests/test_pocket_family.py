@@ -202,6 +202,28 @@ def test_quick_family_run_writes_loadable_models_and_resumes(tmp_path, one_threa
     assert len((out / "log.jsonl").read_text().splitlines()) == len(stages)  # nothing re-ran
 
 
+def test_open_caption_data_keeps_the_images_and_opens_the_captions(tmp_path, capsys):
+    """--adapter-caption-drop: the same pictures as the data stage's, under captions that name fewer attributes."""
+    import argparse
+
+    from sun_edge.pocket.world import OPTIONAL, parse_caption, write_dataset
+
+    script = load_script()
+    plain = write_dataset(tmp_path / "data" / "plain", 40, seed=3, progress=False)
+    folder = script.open_caption_data(plain, 0.75, argparse.Namespace(no_progress=True))
+    assert folder == tmp_path / "data" / "plain-drop0.75"
+    named = {"plain": 0, "open": 0}
+    for i in range(40):
+        assert (folder / f"{i:05d}.png").read_bytes() == (plain / f"{i:05d}.png").read_bytes()
+        for key, where in (("plain", plain), ("open", folder)):
+            caption = (where / f"{i:05d}.txt").read_text().strip()
+            named[key] += len(set(parse_caption(caption)) & set(OPTIONAL))
+    assert named["open"] < 0.6 * named["plain"]  # drop 0.75 against 0.25: a third as many, give or take the draw
+    assert script.open_caption_data(plain, 0.75, argparse.Namespace(no_progress=True)) == folder  # kept, not redone
+    assert script.main([str(tmp_path), "--adapter-caption-drop", "1.5"]) == 2
+    assert "--adapter-caption-drop must be in [0, 1]" in capsys.readouterr().err
+
+
 def test_generate_cfg_runs_on_a_pocket_model(tmp_path, one_thread):
     """``sun-edge generate --mode cfg`` on a freshly written (untrained) pocket model folder."""
     from sun_edge.cli import main
