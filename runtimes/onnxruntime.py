@@ -26,7 +26,7 @@ import onnxruntime as ort
 from sun_edge.bundle import Bundle, TensorSpec, open_bundle
 from sun_edge.errors import SunEdgeError, first_line
 from sun_edge.runtimes import check_input
-from sun_edge.runtimes.base import Decoder, GraphRuntime
+from sun_edge.runtimes.base import Decoder, GraphRuntime, return_freed_memory
 
 PROVIDERS = MappingProxyType({
     "cpu": "CPUExecutionProvider",
@@ -100,7 +100,8 @@ class OnnxRuntime(GraphRuntime):
 
     def release(self, component: str) -> None:
         """Drop the component's session (and its weights and memory arena); the next call opens it again."""
-        self._sessions.pop(component, None)
+        if self._sessions.pop(component, None) is not None:
+            return_freed_memory()
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""

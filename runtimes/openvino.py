@@ -55,7 +55,7 @@ import openvino as ov
 from sun_edge.bundle import Bundle, TensorSpec, open_bundle
 from sun_edge.errors import SunEdgeError, first_line
 from sun_edge.runtimes import check_input
-from sun_edge.runtimes.base import Decoder, GraphRuntime
+from sun_edge.runtimes.base import Decoder, GraphRuntime, return_freed_memory
 
 Precision = Literal["f32", "bf16", "f16"]
 PRECISIONS: tuple[str, ...] = ("f32", "bf16", "f16")
@@ -204,7 +204,8 @@ class OpenVinoRuntime(GraphRuntime):
 
     def release(self, component: str) -> None:
         """Drop the component's compiled model (and its weights); the next call compiles or imports it again."""
-        self._models.pop(component, None)
+        if self._models.pop(component, None) is not None:
+            return_freed_memory()
 
     def run(self, component: str, *arrays: np.ndarray) -> np.ndarray:
         """Check ``arrays`` against the component's inputs (in manifest order), run it, return its first output."""

@@ -72,6 +72,24 @@ def test_a_whole_image_matches_the_reference_pipeline(onnx_fp32_bundle, tiny_ref
     assert diff.max() <= 1 and ours.unet_calls == 4
 
 
+def test_release_drops_the_session_and_gives_its_memory_back(onnx_fp32_bundle, step, monkeypatch):
+    """``release`` drops a session (the next call opens it again) and returns the freed heap to the OS once."""
+    from sun_edge.runtimes.base import return_freed_memory
+
+    return_freed_memory()  # callable here (glibc's malloc_trim, or only gc where there is none)
+    trims = []
+    monkeypatch.setattr("sun_edge.runtimes.onnxruntime.return_freed_memory", lambda: trims.append(1))
+    rt = OnnxRuntime.open(onnx_fp32_bundle)
+    first = rt.unet(step["latents"], step["t"], step["pos"], step["neg"])
+    session = rt.session("unet")
+    rt.release("unet")
+    rt.release("unet")
+    assert trims == [1]
+    again = rt.unet(step["latents"], step["t"], step["pos"], step["neg"])
+    assert rt.session("unet") is not session
+    np.testing.assert_array_equal(first, again)
+
+
 def test_runtime_attributes_come_from_the_manifest(onnx_fp32_bundle, tiny_reference):
     assert RUNTIMES["onnxruntime"].module == "sun_edge.runtimes.onnxruntime"
     rt = runtime_module("onnxruntime").OnnxRuntime.open(onnx_fp32_bundle)

@@ -94,7 +94,7 @@ def test_batch_of_two_equals_two_single_calls(onnx_fp32_bundle, step, precision)
             assert psnr(singles[k], both[k]) >= parity_threshold("unet_plain", "bf16", "onnx", "openvino")
 
 
-def test_one_compiled_model_per_component_across_batch_sizes(onnx_fp32_bundle, step):
+def test_one_compiled_model_per_component_across_batch_sizes(onnx_fp32_bundle, step, monkeypatch):
     """The free-batch CFG UNet is compiled once (batch bounded to 1..2) and serves both sizes; release drops it."""
     rt = OpenVinoRuntime.open(onnx_fp32_bundle, ov_precision="f32")
     x1, x2, t, pos, neg = step["x1"], step["x2"], step["t"], step["pos"], step["neg"]
@@ -108,8 +108,12 @@ def test_one_compiled_model_per_component_across_batch_sizes(onnx_fp32_bundle, s
     np.testing.assert_allclose(both[:1], one, rtol=1e-5, atol=1e-5)
     with pytest.raises(SunEdgeError, match=r"^unet_plain: batch 3 is above the bundle's range \(at most 2\)"):
         rt.unet_plain(np.concatenate([x1, x1, x2]), t, np.concatenate([pos, pos, neg]))
+    trims = []
+    monkeypatch.setattr("sun_edge.runtimes.openvino.return_freed_memory", lambda: trims.append(1))
     rt.release("unet_plain")
-    assert set(rt.compiled_models()) == {"unet"}
+    assert set(rt.compiled_models()) == {"unet"} and trims == [1]  # the freed pages go back to the OS
+    rt.release("unet_plain")  # nothing held: nothing to give back
+    assert trims == [1]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
