@@ -249,6 +249,9 @@ def finish(directory: Path, manifest: Manifest, reference: TorchRuntime, *, chec
     write_manifest(directory, manifest)
     check(directory)
     if parity is not None:
+        from sun_edge.runtimes.base import return_freed_memory
+
+        return_freed_memory()  # what tracing freed, before parity loads each graph beside the reference
         manifest = replace(manifest, parity=dict(parity(reference, directory)))
         write_manifest(directory, manifest)
     return manifest
