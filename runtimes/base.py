@@ -26,10 +26,12 @@ TINY_DECODER = "vae_decoder_tiny"  # the bundle component of TAESD's decoder
 def return_freed_memory() -> None:
     """Give memory freed by a released graph back to the operating system, where the C library allows.
 
-    glibc keeps freed heap pages (below its 32 MB mmap threshold) for reuse: measured on a full-size fp32
-    parity run, ONNX Runtime's UNet session released after batch-4 steps left 9.6 GB resident, so the
-    next graph's session and the image rows ran the 24 GB machine out of memory. ``malloc_trim(0)``
-    returns those pages; elsewhere (macOS, musl) this only collects Python garbage.
+    glibc keeps freed heap pages (below its 32 MB mmap threshold) for reuse. On a full-size fp32 parity
+    run at batch 4, 9.6 GB stayed resident after ONNX Runtime's UNet session was released, and the next
+    sessions ran the 24 GB machine out of memory. ``malloc_trim(0)`` returns free pages: in a smaller
+    run (UNet session at batch 2, released) it took the process from 5.8 to 4.6 GB. It did not make a
+    full-size ``--max-batch 4`` export fit in 24 GB. Elsewhere (macOS, musl) this only collects Python
+    garbage.
     """
     import ctypes
     import ctypes.util
