@@ -8,6 +8,7 @@ their own libraries.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import numpy as np
@@ -33,18 +34,23 @@ def return_freed_memory() -> None:
     full-size ``--max-batch 4`` export fit in 24 GB. Elsewhere (macOS, musl) this only collects Python
     garbage.
     """
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # no C library by that name, or one without malloc_trim
-        trim = None
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` from the symbols already in the process, or None (macOS, musl, Windows)."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # no handle on the process's own symbols here
+        return None
 
 
 class BundleRuntime:
