@@ -9,6 +9,7 @@ their own libraries.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -102,6 +103,16 @@ class BundleRuntime:
 
     def release(self, component: str) -> None:
         """Free what ``component`` holds (nothing by default)."""
+
+    # True: loading a graph first releases every other graph this runtime holds, so that at most one is
+    # resident (parity sets it: its whole-pipeline rows would otherwise hold four full-size graphs at once).
+    hold_one_graph: bool = False
+
+    def make_room(self, component: str, loaded: Iterable[str]) -> None:
+        """Called by a backend before it loads ``component``: with ``hold_one_graph``, release the ``loaded`` others."""
+        if self.hold_one_graph:
+            for other in [c for c in loaded if c != component]:
+                self.release(other)
 
     def _component(self, component: str) -> Component:
         self.bundle.file(component)  # raises naming the components the bundle has

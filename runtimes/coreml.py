@@ -92,6 +92,7 @@ class CoreMLRuntime(GraphRuntime):
         if component in self._models:
             return self._models[component]
         path = self.bundle.file(component)
+        self.make_room(component, self._models)
         if self.backend == "coreml":
             model, declared = self._load_coreml(path)
         else:

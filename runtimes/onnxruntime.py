@@ -88,6 +88,7 @@ class OnnxRuntime(GraphRuntime):
         if component in self._sessions:
             return self._sessions[component]
         path = self.bundle.file(component)
+        self.make_room(component, self._sessions)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: node placement notes are not the user's concern
         try:

@@ -172,6 +172,7 @@ class OpenVinoRuntime(GraphRuntime):
         if component in self._models:
             return self._models[component]
         path = self.bundle.file(component)
+        self.make_room(component, self._models)
         try:
             graph = self._core.read_model(str(path))
             declared = (_declared(graph.inputs), _declared(graph.outputs))

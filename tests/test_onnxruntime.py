@@ -90,6 +90,33 @@ def test_release_drops_the_session_and_gives_its_memory_back(onnx_fp32_bundle, s
     np.testing.assert_array_equal(first, again)
 
 
+def test_parity_holds_one_graph_at_a_time_and_none_after(onnx_fp32_bundle, tiny_reference, monkeypatch):
+    """Parity's whole-pipeline rows run four graphs in turn; the candidate holds only the one running (a full-size
+    batch-4 bundle's parity does not fit 24 GB otherwise), and nothing once parity is done."""
+    from sun_edge.parity import compare_runtimes
+    from sun_edge.pipeline import Settings
+
+    held = []
+    opened = OnnxRuntime.session
+
+    def session(self, component):
+        made = opened(self, component)
+        held.append(tuple(self._sessions))
+        return made
+
+    monkeypatch.setattr(OnnxRuntime, "session", session)
+    rt = OnnxRuntime.open(onnx_fp32_bundle)
+    report = compare_runtimes(tiny_reference, rt, precision="fp32", settings=Settings.from_manifest(rt.manifest))
+    assert report.passed and report.row("image_img2img").inputs >= 1
+    assert {name for names in held for name in names} >= {"text_encoder", "unet", "unet_plain", "vae_decoder",
+                                                           "vae_encoder"}
+    assert max(len(names) for names in held) == 1, held
+    assert rt._sessions == {} and rt.hold_one_graph is False
+    rt.encode_text(np.zeros((1, 77), np.int64))  # outside parity: sessions stay until released
+    rt.unet(*[np.zeros(s.shape, s.dtype) for s in rt.manifest.components["unet"].inputs])
+    assert set(rt._sessions) == {"text_encoder", "unet"}
+
+
 def test_runtime_attributes_come_from_the_manifest(onnx_fp32_bundle, tiny_reference):
     assert RUNTIMES["onnxruntime"].module == "sun_edge.runtimes.onnxruntime"
     rt = runtime_module("onnxruntime").OnnxRuntime.open(onnx_fp32_bundle)
