@@ -24,7 +24,8 @@ def add_eval_parser(sub: Any) -> None:
                    help="models to evaluate, the base first (default: pocket-base pocket-toon)")
     v.add_argument("--adapter", help="SUN adapter trained on the first model (default: the one beside it)")
     v.add_argument("--msc-adapter", action="append", default=[], metavar="LABEL:PATH",
-                   help="Table 4: an adapter trained with another MSC probability, e.g. p=0:sun-p0.safetensors")
+                   help="Table 4: an adapter trained with another MSC probability, e.g. p=0:sun-p0.safetensors; the "
+                        "same LABEL again adds another training seed of it (Table 4 then gives their mean ± s.d.)")
     v.add_argument("--prompts", type=int, default=64, help="Table 2 prompts, one seed each (default 64)")
     v.add_argument("--negative-seeds", type=int, default=8, help="Fig. 5 seeds per shape (default 8; 0 skips Fig. 5)")
     v.add_argument("--classifier", help="attribute classifier weights (default: the shipped one)")

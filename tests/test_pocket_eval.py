@@ -13,7 +13,8 @@ from PIL import Image
 from sun_edge.cli import main
 from sun_edge.pocket.classifier import VALUES, load_classifier
 from sun_edge.pocket.eval import adherence, image_psnr, methods, negative_steering, table2_prompts
-from sun_edge.pocket.report import EvalRequest
+from sun_edge.pocket.eval import Scores
+from sun_edge.pocket.report import EvalRequest, spread
 from sun_edge.pocket.world import COLOURS, Scene, render
 
 
@@ -124,3 +125,29 @@ def test_fd_to_the_reference_is_zero_for_the_reference_images_and_grows_away_fro
     assert other.fd_reference > 1.0 and other.fd_reference == pytest.approx(other.fd)  # real = reference here
     assert 0.0 < other.fd_reference_sd < other.fd_reference  # bootstrap spread over the 16 prompts
     assert other.psnr_se > 0.0 and other.to_dict()["psnr_se"] == other.psnr_se
+
+
+def test_table4_spread_over_training_seeds_by_hand():
+    runs = [Scores({"mean": 0.8, "colour": 0.5, "all": 0.3}, fd=200.0, psnr=20.0, fd_reference=10.0),
+            Scores({"mean": 0.6, "colour": 0.7, "all": 0.1}, fd=220.0, psnr=22.0, fd_reference=30.0)]
+    got = spread(runs)
+    assert got["adherence (colour)"] == pytest.approx((0.6, math.sqrt(0.02)))  # s.d. with ddof 1: |a - b| / sqrt 2
+    assert got["fd_reference"] == pytest.approx((20.0, math.sqrt(200.0)))
+    assert got["psnr"] == pytest.approx((21.0, math.sqrt(2.0)))
+    assert list(got) == ["adherence (mean)", "adherence (colour)", "adherence (all)", "fd_reference", "fd", "psnr"]
+
+
+def test_eval_table4_with_a_label_given_twice_reports_each_and_their_spread(home_env, tmp_path, capsys):
+    adapter = home_env / "models" / "tiny-random" / "sun-adapter.safetensors"
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", "tiny-random", "--prompts", "2", "--negative-seeds", "0", "--msc-adapter",
+                 f"p=0:{adapter}", "--msc-adapter", f"p=0:{adapter}", "--msc-adapter", f"p=1:{adapter}", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert [len(data["table4"][k]) for k in ("p=0", "p=1")] == [2, 1]
+    assert data["table4"]["p=0"][0] == data["table4"]["p=0"][1]  # the same adapter twice: the same figures
+    mean, sd = data["table4_spread"]["p=0"]["psnr"]
+    assert mean == pytest.approx(data["table4"]["p=0"][0]["psnr"]) and sd == 0.0 and "p=1" not in data["table4_spread"]
+    assert "| p=0, training seed 2 of 2 |" in text and "| p=0: mean ± s.d. over its 2 training seeds |" in text
+    assert "| p=1 |" in text

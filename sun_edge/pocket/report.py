@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from sun_edge import imaging
@@ -42,7 +43,8 @@ class EvalRequest:
 
     models: tuple[str, ...]
     adapter: str | None = None  # default: the adapter shipped beside models[0]
-    msc_adapters: tuple[tuple[str, str], ...] = ()  # Table 4: (label such as "p=0", path)
+    # Table 4: (label such as "p=0", path); a label given again is another training seed of that setting
+    msc_adapters: tuple[tuple[str, str], ...] = ()
     prompts: int = 64  # Table 2 prompts (one seed each)
     negative_seeds: int = 8  # Fig. 5: seeds per shape and condition
     size: int = 64
@@ -58,7 +60,7 @@ class EvalRequest:
 class EvalReport:
     request: EvalRequest
     table2: dict[str, dict[str, Scores]] = field(default_factory=dict)  # model -> method -> scores
-    table4: dict[str, Scores] = field(default_factory=dict)  # label -> SUN-4 scores on models[0]
+    table4: dict[str, list[Scores]] = field(default_factory=dict)  # label -> SUN-4 scores on models[0], one per adapter
     fig5: dict[str, NegativeSteering] = field(default_factory=dict)  # "cfg25" / "sun4" -> steering
     labels: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -67,7 +69,8 @@ class EvalReport:
         return {"request": asdict(self.request), "seconds": self.seconds, "machine": platform.platform(),
                 "methods": self.labels,
                 "table2": {m: {k: s.to_dict() for k, s in v.items()} for m, v in self.table2.items()},
-                "table4": {k: s.to_dict() for k, s in self.table4.items()},
+                "table4": {k: [s.to_dict() for s in v] for k, v in self.table4.items()},
+                "table4_spread": {k: spread(v) for k, v in self.table4.items() if len(v) > 1},
                 "fig5": {k: v.to_dict() for k, v in self.fig5.items()}}
 
     def markdown(self) -> str:
@@ -88,8 +91,19 @@ class EvalReport:
             table2_sun = self.table2.get(req.models[0], {}).get("sun4")
             if table2_sun is not None:
                 out.append(f"| {req.adapter or 'the adapter beside the model'} (Table 2's) | {_row(table2_sun)} |")
-            for label, s in self.table4.items():
-                out.append(f"| {label} | {_row(s)} |")
+            for label, runs in self.table4.items():
+                if len(runs) == 1:
+                    out.append(f"| {label} | {_row(runs[0])} |")
+                    continue
+                out += [f"| {label}, training seed {k + 1} of {len(runs)} | {_row(s)} |" for k, s in enumerate(runs)]
+                cells = " | ".join(f"**{m:.3f} ± {sd:.3f}**" if key.startswith("adherence") else f"**{m:.2f} ± {sd:.2f}**"
+                                   for key, (m, sd) in spread(runs).items())
+                out.append(f"| {label}: mean ± s.d. over its {len(runs)} training seeds | {cells} |")
+            if any(len(runs) > 1 for runs in self.table4.values()):
+                out += ["", "A label given several times is the same setting trained with different seeds (different "
+                        "draws of examples, noise, timesteps and MSC choices, from the same start); its last row is "
+                        "the mean and sample s.d. over those adapters, the spread to read a difference between "
+                        "settings against."]
         if self.fig5:
             out += ["", f"### Fig. 5: negative prompts steer SUN (prompt `a <shape>`, {req.negative_seeds} seeds per "
                     f"shape, on {req.models[0]})", "",
@@ -105,6 +119,18 @@ class EvalReport:
                 fall = f"{steer.fall():.0%}" + (f" ± {sd:.0%}" if sd is not None else "")
                 out.append(f"| {self.labels[name]} | " + " | ".join(cells) + f" | {a:.3f} -> {b:.3f} | {fall} |")
         return "\n".join(out).strip() + "\n"
+
+
+SPREAD_COLUMNS = ("adherence (mean)", "adherence (colour)", "adherence (all)", "fd_reference", "fd", "psnr")
+
+
+def spread(runs: list[Scores]) -> dict[str, tuple[float, float]]:
+    """Mean and sample s.d. over several adapters of one setting, per Table 4 column (``SPREAD_COLUMNS``)."""
+    values = {"adherence (mean)": [s.adherence["mean"] for s in runs],
+              "adherence (colour)": [s.adherence["colour"] for s in runs],
+              "adherence (all)": [s.adherence["all"] for s in runs],
+              "fd_reference": [s.fd_reference for s in runs], "fd": [s.fd for s in runs], "psnr": [s.psnr for s in runs]}
+    return {k: (float(np.mean(v)), float(np.std(v, ddof=1))) for k, v in values.items()}
 
 
 def _row(s: Scores) -> str:
@@ -165,7 +191,7 @@ def run_eval(request: EvalRequest, out_dir: Path, *, progress: bool = True) -> E
     for label, path in request.msc_adapters:
         pipe = Pipeline(_runtime(request.models[0], path))
         imgs = generate_images(pipe, prompts, seeds, table["sun4"].settings, "", tick)
-        report.table4[label] = score(classifier, imgs, scenes, base_real, base_ref, base_ref_feats)
+        report.table4.setdefault(label, []).append(score(classifier, imgs, scenes, base_real, base_ref, base_ref_feats))
 
     if request.negative_seeds:
         pipe = Pipeline(base_runtime)
