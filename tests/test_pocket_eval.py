@@ -149,5 +149,5 @@ def test_eval_table4_with_a_label_given_twice_reports_each_and_their_spread(home
     assert data["table4"]["p=0"][0] == data["table4"]["p=0"][1]  # the same adapter twice: the same figures
     mean, sd = data["table4_spread"]["p=0"]["psnr"]
     assert mean == pytest.approx(data["table4"]["p=0"][0]["psnr"]) and sd == 0.0 and "p=1" not in data["table4_spread"]
-    assert "| p=0, training seed 2 of 2 |" in text and "| p=0: mean ± s.d. over its 2 training seeds |" in text
+    assert "| p=0, run 2 of 2 |" in text and "| p=0: mean ± s.d. over its 2 runs |" in text
     assert "| p=1 |" in text

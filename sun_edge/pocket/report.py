@@ -95,13 +95,14 @@ class EvalReport:
                 if len(runs) == 1:
                     out.append(f"| {label} | {_row(runs[0])} |")
                     continue
-                out += [f"| {label}, training seed {k + 1} of {len(runs)} | {_row(s)} |" for k, s in enumerate(runs)]
+                out += [f"| {label}, run {k + 1} of {len(runs)} | {_row(s)} |" for k, s in enumerate(runs)]
                 cells = " | ".join(f"**{m:.3f} ± {sd:.3f}**" if key.startswith("adherence") else f"**{m:.2f} ± {sd:.2f}**"
                                    for key, (m, sd) in spread(runs).items())
-                out.append(f"| {label}: mean ± s.d. over its {len(runs)} training seeds | {cells} |")
+                out.append(f"| {label}: mean ± s.d. over its {len(runs)} runs | {cells} |")
             if any(len(runs) > 1 for runs in self.table4.values()):
                 out += ["", "A label given several times is the same setting trained with different seeds (different "
-                        "draws of examples, noise, timesteps and MSC choices, from the same start); its last row is "
+                        "draws of examples, noise, timesteps and MSC choices, from the same start), one run each in "
+                        "the order given (the command above names their files); its last row is "
                         "the mean and sample s.d. over those adapters, the spread to read a difference between "
                         "settings against."]
         if self.fig5:
