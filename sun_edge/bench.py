@@ -30,7 +30,10 @@ before it runs (``Runtime.release``) and loaded again, with an untimed warm-up c
 needs them. Peak memory is then that of the largest form on all runtimes together instead of every
 graph of every runtime (a full-size ONNX Runtime fp32 bundle holds 12-15 GB for the steps alone), at
 the cost of reloading graphs between forms (untimed). The figures are measured as before: each form
-still runs warm, interleaved with the same forms on the other runtimes, repeat by repeat.
+still runs warm, interleaved with the same forms on the other runtimes, repeat by repeat. But a form timed just
+after its graphs reloaded ran 1-1.4 s (up to 25%) slower than held at full size on a 24 GB machine, even after
+its warm-up call, while a form sharing the previous form's graphs did not (docs/measurements.md, "Batch 4 at
+full size"): read ratios between forms that reload alike (SUN and CFG at the same batch above 1), not across.
 
 Memory: the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) when the
 benchmark starts (after the caller loaded the runtime), after the warm-up (every graph has run
