@@ -31,9 +31,9 @@ def return_freed_memory() -> None:
     glibc keeps freed heap pages (below its 32 MB mmap threshold) for reuse. On a full-size fp32 parity
     run at batch 4, 9.6 GB stayed resident after ONNX Runtime's UNet session was released, and the next
     sessions ran the 24 GB machine out of memory. ``malloc_trim(0)`` returns free pages: in a smaller
-    run (UNet session at batch 2, released) it took the process from 5.8 to 4.6 GB. It did not make a
-    full-size ``--max-batch 4`` export fit in 24 GB. Elsewhere (macOS, musl) this only collects Python
-    garbage.
+    run (UNet session at batch 2, released) it took the process from 5.8 to 4.6 GB. It did not by itself
+    make a full-size ``--max-batch 4`` export fit in 24 GB; with parity holding one graph at a time
+    (``hold_one_graph``) it fits (21.6 GB peak). Elsewhere (macOS, musl) this only collects Python garbage.
     """
     import gc
 

@@ -53,6 +53,7 @@ class TorchRuntime:
     tiny_decoder: nn.Module | None = None  # TAESD (sun_edge.taesd.TinyDecoder): ``decode`` uses it when set
     optimize: Optimize = "none"  # UNet calls: eager, CUDA graphs and/or torch.compile (runtimes/torch_speed.py)
     controlnet_module: nn.Module | None = None  # diffusers ControlNetModel (sun_edge.controlnet): ``controlnet`` uses it
+    hold_one_graph: bool = False  # the protocol's flag; the modules stay loaded whatever it says (``release``)
 
     def __post_init__(self) -> None:
         self.sun_unet = SUNUNet(self.unet_module, self.adapter) if self.adapter is not None else None

@@ -206,6 +206,7 @@ class Runtime(Protocol):
     vae_scale_factor: int
     max_batch: int  # the most images one ``unet`` call takes (a bundle's graphs: their batch range)
     unet_in_channels: int  # the UNet's sample channels: latent_channels, or 9 for an inpainting UNet
+    hold_one_graph: bool  # True: loading a graph first releases the others (``release``); parity sets it
 
     def has(self, component: str) -> bool: ...
     def encode_text(self, ids: np.ndarray) -> np.ndarray: ...

@@ -293,9 +293,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
     # runtime has one): a full-size fp16 bundle on a CPU holds one UNet's weights at a time, not two. The
     # whole-pipeline rows (edits, images) run four graphs in turn; a bundle runtime then holds only the one
     # running (``hold_one_graph``): a full-size batch-4 bundle's parity does not fit 24 GB otherwise.
-    holds = hasattr(candidate, "hold_one_graph")
-    if holds:
-        held_before, candidate.hold_one_graph = candidate.hold_one_graph, True
+    held_before, candidate.hold_one_graph = candidate.hold_one_graph, True
     try:
         return _compare(reference, candidate, precision=precision, seeds=seeds, prompt=prompt,
                         negative_prompt=negative_prompt, components=components, settings=settings, target=target,
@@ -303,8 +301,7 @@ def compare_runtimes(reference: Runtime, candidate: Runtime, *, precision: str, 
     finally:  # nothing stays loaded for parity's sake
         for component in GRAPHS:
             candidate.release(component)
-        if holds:
-            candidate.hold_one_graph = held_before
+        candidate.hold_one_graph = held_before
 
 
 def _compare(reference: Runtime, candidate: Runtime, *, precision: str, seeds: Sequence[int], prompt: str,

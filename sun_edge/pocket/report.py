@@ -122,11 +122,8 @@ class EvalReport:
         return "\n".join(out).strip() + "\n"
 
 
-SPREAD_COLUMNS = ("adherence (mean)", "adherence (colour)", "adherence (all)", "fd_reference", "fd", "psnr")
-
-
 def spread(runs: list[Scores]) -> dict[str, tuple[float, float]]:
-    """Mean and sample s.d. over several adapters of one setting, per Table 4 column (``SPREAD_COLUMNS``)."""
+    """Mean and sample s.d. over several adapters of one setting, per Table 4 column, in the table's order."""
     values = {"adherence (mean)": [s.adherence["mean"] for s in runs],
               "adherence (colour)": [s.adherence["colour"] for s in runs],
               "adherence (all)": [s.adherence["all"] for s in runs],
