@@ -1,14 +1,15 @@
 """Pick the Pocket SUN adapter checkpoint to ship, on prompts and seeds ``sun-edge eval`` does not use.
 
-    python scripts/pick_pocket_adapter.py CHECKPOINT.safetensors [...]
+    python scripts/pick_pocket_adapter.py [--prompts N] CHECKPOINT.safetensors [...]
 
-For each adapter (on pocket-base): SUN 4's colour read-back against CFG 25's on 32 prompts that are not
-Table 2's (``world.eval_prompts(32, seed 7)``, seeds 100+i), and Fig. 5's fall (``a <shape>``, 8 seeds per
+For each adapter (on pocket-base): SUN 4's colour read-back against CFG 25's on 32 prompts (``--prompts``) that
+are not Table 2's (``world.eval_prompts(N, seed 7)``, seeds 100+i), and Fig. 5's fall (``a <shape>``, 8 seeds per
 shape from 5000). One JSON line per adapter. docs/pocket.md records the rule and the figures.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -23,11 +24,16 @@ PROMPTS, PROMPT_SEED, IMAGE_SEED = 32, 7, 100
 FIG5_SEEDS, FIG5_SEED = 8, 5000
 
 
-def main(adapters: list[str]) -> int:
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER")
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help=f"held-out prompts (default {PROMPTS})")
+    args = parser.parse_args(argv)
+    adapters = args.adapters
     torch.set_num_threads(1)
     classifier, table = load_classifier(), methods(64)
-    prompts, scenes, _ = table2_prompts(PROMPTS, seed=PROMPT_SEED)
-    seeds = [IMAGE_SEED + i for i in range(PROMPTS)]
+    prompts, scenes, _ = table2_prompts(args.prompts, seed=PROMPT_SEED)
+    seeds = [IMAGE_SEED + i for i in range(args.prompts)]
     reference = None  # CFG 25 does not use the adapter: made once
     for path in adapters:
         pipe = Pipeline(TorchRuntime.load("pocket-base", path))

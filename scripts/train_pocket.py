@@ -279,7 +279,9 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
     tmp.write_text("\n".join(COLOURS if colours else attribute_negatives()) + "\n")  # (stages may run side by side)
     os.replace(tmp, pool)
     init = dst.with_name(f"init-alpha{ADAPTER_INIT_ALPHA:g}.safetensors")  # the same start for every adapter stage
-    if not init.is_file():
+    if args.adapter_init is not None:  # a fine-tune of a trained adapter (a fresh AdamW)
+        init = args.adapter_init
+    elif not init.is_file():
         import torch
 
         from sun_edge.adapter import save_adapter
@@ -298,7 +300,8 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
                          init_adapter=init, extra_positive=EXTRA_POSITIVE,
                          negative_pool=pool, max_negative_phrases=NEGATIVE_PHRASES,
                          resolution=64, batch_size=batch, max_steps=steps, msc_probability=ADAPTER_P[stage],
-                         learning_rate=plan.adapter_lr, checkpoint_every=250, keep_checkpoints=3,
+                         learning_rate=plan.adapter_lr, checkpoint_every=250,
+                         keep_checkpoints=1000,  # ~1 MB each: all kept, to pick from
                          seed=args.seed, cpu=args.device == "cpu", max_seconds=time_box(stage, args),
                          num_workers=0 if args.device == "cpu" else 2,
                          mixed_precision="bf16" if args.precision == "bf16" else "no",
@@ -318,7 +321,9 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
             "msc_probability": ADAPTER_P[stage], "resolution": 64, "learning_rate": plan.adapter_lr,
             "negatives": f"0..{NEGATIVE_PHRASES} of " + ("world.COLOURS" if colours else "world.attribute_negatives()"),
             "start_step": result.start_step, "data": str(data.relative_to(out)),
-            "init": f"adapter_from_cross_attention(alpha={ADAPTER_INIT_ALPHA:g}, extra_positive={EXTRA_POSITIVE})", "examples_per_second": result.examples_per_second}
+            "init": (str(args.adapter_init) if args.adapter_init is not None else
+                     f"adapter_from_cross_attention(alpha={ADAPTER_INIT_ALPHA:g}, extra_positive={EXTRA_POSITIVE})"),
+            "examples_per_second": result.examples_per_second}
 
 
 def open_caption_data(plain: Path, drop: float, args: argparse.Namespace) -> Path:
@@ -366,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-negatives", choices=NEGATIVE_POOLS, default="attributes",
                         help="adapter stages: the negative phrase pool (default attributes: the world's 26 attribute "
                              "phrases; colours: its 8 colours, to continue a run towards Fig. 5)")
+    parser.add_argument("--adapter-init", type=Path, metavar="ADAPTER",
+                        help="adapter stages: start from this trained adapter file (a fine-tune with a fresh AdamW) "
+                             "instead of the layer-copy initialisation")
     parser.add_argument("--adapter-caption-drop", type=float, metavar="D",
                         help="adapter stages: train on captions that leave each optional attribute out with "
                              "probability D (default: the data stage's captions, D = 0.25)")
@@ -395,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.adapter_caption_drop is not None and not 0 <= args.adapter_caption_drop <= 1:
         print(f"error: --adapter-caption-drop must be in [0, 1], got {args.adapter_caption_drop}", file=sys.stderr)
+        return 2
+    if args.adapter_init is not None and not args.adapter_init.is_file():
+        print(f"error: --adapter-init {args.adapter_init} is not a file; give a .safetensors adapter", file=sys.stderr)
         return 2
     if args.scale <= 0:
         print(f"error: --scale must be positive, got {args.scale}", file=sys.stderr)

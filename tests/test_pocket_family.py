@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -200,6 +201,23 @@ def test_quick_family_run_writes_loadable_models_and_resumes(tmp_path, one_threa
     assert script.main([str(out), "--quick", "--no-progress", "--stages", *stages]) == 0
     assert "skipped" in capsys.readouterr().err
     assert len((out / "log.jsonl").read_text().splitlines()) == len(stages)  # nothing re-ran
+
+    # --adapter-init: the adapter stage again, as a fine-tune of the adapter it wrote (a fresh AdamW, step 0 on)
+    from safetensors.torch import load_file
+
+    trained = tmp_path / "trained.safetensors"
+    shutil.move(out / "adapters" / "sun-p0.1.safetensors", trained)
+    shutil.rmtree(out / "adapters" / "sun-p0.1.checkpoints")
+    assert script.main([str(out), "--stages", "sun", "--adapter-init", str(tmp_path / "nope.safetensors")]) == 2
+    assert capsys.readouterr().err.strip().endswith("is not a file; give a .safetensors adapter")
+    assert script.main([str(out), "--quick", "--no-progress", "--stages", "sun", "--adapter-init", str(trained),
+                        "--adapter-lr", "1e-12"]) == 0
+    entry = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert entry["stage"] == "sun" and entry["init"] == str(trained) and entry["start_step"] == 0
+    before, after = load_file(trained), load_file(out / "adapters" / "sun-p0.1.safetensors")
+    assert before.keys() == after.keys()  # learning rate 1e-12: the fine-tune keeps the weights it started from
+    for name in before:
+        torch.testing.assert_close(after[name].float(), before[name].float(), rtol=1e-3, atol=1e-4)
 
 
 def test_open_caption_data_keeps_the_images_and_opens_the_captions(tmp_path, capsys):
