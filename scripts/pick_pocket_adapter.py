@@ -2,8 +2,8 @@
 
     python scripts/pick_pocket_adapter.py [--prompts N] CHECKPOINT.safetensors [...]
 
-For each adapter (on pocket-base): SUN 4's colour read-back against CFG 25's on 32 prompts (``--prompts``) that
-are not Table 2's (``world.eval_prompts(N, seed 7)``, seeds 100+i), and Fig. 5's fall (``a <shape>``, 8 seeds per
+For each adapter (on pocket-base): SUN 4's colour read-back against CFG 25's on N prompts (``--prompts``, default 32)
+that are not Table 2's (``world.eval_prompts(N, seed 7)``, seeds 100+i), and Fig. 5's fall (``a <shape>``, 8 seeds per
 shape from 5000). One JSON line per adapter. docs/pocket.md records the rule and the figures.
 """
 
@@ -29,13 +29,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER")
     parser.add_argument("--prompts", type=int, default=PROMPTS, help=f"held-out prompts (default {PROMPTS})")
     args = parser.parse_args(argv)
-    adapters = args.adapters
     torch.set_num_threads(1)
     classifier, table = load_classifier(), methods(64)
     prompts, scenes, _ = table2_prompts(args.prompts, seed=PROMPT_SEED)
     seeds = [IMAGE_SEED + i for i in range(args.prompts)]
     reference = None  # CFG 25 does not use the adapter: made once
-    for path in adapters:
+    for path in args.adapters:
         pipe = Pipeline(TorchRuntime.load("pocket-base", path))
         if reference is None:
             reference = generate_images(pipe, prompts, seeds, table["cfg25"].settings)

@@ -278,21 +278,23 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
     tmp = pool.with_name(f".{pool.name}.{os.getpid()}")  # pocket text encoder knows no others; replaced atomically
     tmp.write_text("\n".join(COLOURS if colours else attribute_negatives()) + "\n")  # (stages may run side by side)
     os.replace(tmp, pool)
-    init = dst.with_name(f"init-alpha{ADAPTER_INIT_ALPHA:g}.safetensors")  # the same start for every adapter stage
     if args.adapter_init is not None:  # a fine-tune of a trained adapter (a fresh AdamW)
-        init = args.adapter_init
-    elif not init.is_file():
-        import torch
+        init, init_how = args.adapter_init, str(args.adapter_init)
+    else:
+        init = dst.with_name(f"init-alpha{ADAPTER_INIT_ALPHA:g}.safetensors")  # the same start for every adapter stage
+        init_how = f"adapter_from_cross_attention(alpha={ADAPTER_INIT_ALPHA:g}, extra_positive={EXTRA_POSITIVE})"
+        if not init.is_file():
+            import torch
 
-        from sun_edge.adapter import save_adapter
-        from sun_edge.models import load_model
-        from sun_edge.pocket.adapter_init import adapter_from_cross_attention
+            from sun_edge.adapter import save_adapter
+            from sun_edge.models import load_model
+            from sun_edge.pocket.adapter_init import adapter_from_cross_attention
 
-        unet = load_model(str(outputs(out)["base"])).unet
-        start = adapter_from_cross_attention(unet, alpha=ADAPTER_INIT_ALPHA, extra_positive=EXTRA_POSITIVE)
-        tmp_init = init.with_name(f".{init.name}.{os.getpid()}")
-        save_adapter(start, tmp_init, dtype=torch.float32)
-        os.replace(tmp_init, init)
+            unet = load_model(str(outputs(out)["base"])).unet
+            start = adapter_from_cross_attention(unet, alpha=ADAPTER_INIT_ALPHA, extra_positive=EXTRA_POSITIVE)
+            tmp_init = init.with_name(f".{init.name}.{os.getpid()}")
+            save_adapter(start, tmp_init, dtype=torch.float32)
+            os.replace(tmp_init, init)
     data = outputs(out)["data"] / "plain"
     if args.adapter_caption_drop is not None:
         data = open_caption_data(data, args.adapter_caption_drop, args)
@@ -321,8 +323,7 @@ def run_adapter(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> 
             "msc_probability": ADAPTER_P[stage], "resolution": 64, "learning_rate": plan.adapter_lr,
             "negatives": f"0..{NEGATIVE_PHRASES} of " + ("world.COLOURS" if colours else "world.attribute_negatives()"),
             "start_step": result.start_step, "data": str(data.relative_to(out)),
-            "init": (str(args.adapter_init) if args.adapter_init is not None else
-                     f"adapter_from_cross_attention(alpha={ADAPTER_INIT_ALPHA:g}, extra_positive={EXTRA_POSITIVE})"),
+            "init": init_how,
             "examples_per_second": result.examples_per_second}
 
 
