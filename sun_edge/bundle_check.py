@@ -46,6 +46,11 @@ def _show(value: Any) -> str:
     return f"{kinds.get(type(value), type(value).__name__)} {text[:40] + '...' if len(text) > 40 else text}"
 
 
+def _printable(text: Any) -> str:
+    """A manifest string as it is when printable, else its repr (a name holding a newline stays on one line)."""
+    return text if isinstance(text, str) and text.isprintable() else repr(text)
+
+
 class _Check:
     """Field checks that raise one line: ``<where>: <field> <problem>; re-export the bundle``."""
 
@@ -275,8 +280,8 @@ def _check_geometry(c: _Check, data: Mapping[str, Any], factor: int) -> None:
                     for h, w in zip(have, want))
             same = matches(want) or (older is not None and matches(older))  # an older layout (vae_encoder's mean alone)
             if not same:
-                shown = ", ".join(f"{h['name']} {h['dtype']} [{','.join('?' if d < 0 else str(d) for d in h['shape'])}]"
-                                  for h in have)
+                shown = ", ".join(f"{_printable(h['name'])} {_printable(h['dtype'])} "
+                                  f"[{','.join('?' if d < 0 else str(d) for d in h['shape'])}]" for h in have)
                 raise c.fail(f"components.{name}.{kind}", f"are {shown}, but the bundle's {sizes} needs {describe(want)}")
 
 

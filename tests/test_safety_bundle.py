@@ -325,6 +325,7 @@ CASES = [
     (_set("text", "dim", 768), r"components.text_encoder.outputs are last_hidden_state float32 \[1,77,32\], but .* needs"),
     (_set("components", "vae_decoder", "outputs", 0, "shape", [1, 3, 128, 128]), r"components.vae_decoder.outputs are"),
     (_set(*UNET_IN, 3, "name", "neg"), "components.unet.inputs are .*neg float32"),
+    (_set(*UNET_IN, 0, "name", "\nerror: all is well"), r"components.unet.inputs are '\\nerror: all is well' float32"),
     (lambda d: d["components"].update(refiner=d["components"]["unet"]), "components.refiner is not a component"),
     # file names confined to the bundle
     (_set("components", "unet", "file", "/etc/passwd"), "components.unet.file is '/etc/passwd', an absolute path"),
