@@ -1,9 +1,9 @@
 """ONNX graph handling for exporters: clean, save (external data over 2 GB), read back, check.
 
-Cleaning uses the onnxscript optimizer (``onnxscript.optimizer.optimize``): constant folding
-with node-level shape inference, the onnxscript rewrite rules, dead node / function / opset
-removal, initializer deduplication and common-subexpression elimination, on the ``onnx_ir``
-model that ``torch.onnx.export(dynamo=True)`` produces. It is what torch.onnx itself runs
+Cleaning uses the onnxscript optimizer (``onnxscript.optimizer.optimize``, one iteration, then
+Identity elimination): constant folding with node-level shape inference, the onnxscript rewrite
+rules, dead node / function / opset removal, initializer deduplication and common-subexpression
+elimination, on the ``onnx_ir`` model that ``torch.onnx.export(dynamo=True)`` produces. It is what torch.onnx itself runs
 (``optimize=True``), it is maintained with the exporter and installed with it, it works on the
 in-memory IR without serialising (so graphs over protobuf's 2 GB limit need no special
 path), and it keeps every Cast the precision policy put in (``modules.py``). The alternative,
@@ -33,12 +33,22 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # initializer bytes above which a graph kee
 DYNAMIC = FREE  # a dimension left free in the graph (the plain UNet's batch), as written in the manifest
 
 
-def clean(model: ir.Model) -> ir.Model:
-    """Constant folding, rewrite rules, dead-code removal (onnxscript); node metadata dropped; shape inference. In place."""
-    import onnxscript.optimizer
-    from onnx_ir.passes.common import ClearMetadataAndDocStringPass, ShapeInferencePass
+OPTIMIZER_ITERATIONS = 1  # onnxscript's default is 2; see clean()
 
-    onnxscript.optimizer.optimize(model)
+
+def clean(model: ir.Model) -> ir.Model:
+    """Constant folding, rewrite rules, dead-code removal (onnxscript); node metadata dropped; shape inference. In place.
+
+    One optimizer iteration, then Identity elimination: on every graph sun-edge exports (measured on the tiny
+    model's fp32 and fp16 graphs, SUN and plain UNet, text encoder, both VAE halves) onnxscript's second
+    iteration did nothing but remove the Identity nodes the first one leaves, and this gives the same nodes
+    and bitwise the same outputs in about half the UNet's cleaning time (13.7 s against 25.1 s on one core).
+    """
+    import onnxscript.optimizer
+    from onnx_ir.passes.common import ClearMetadataAndDocStringPass, IdentityEliminationPass, ShapeInferencePass
+
+    onnxscript.optimizer.optimize(model, num_iterations=OPTIMIZER_ITERATIONS)
+    IdentityEliminationPass()(model)
     ClearMetadataAndDocStringPass()(model)  # per-node stack traces: megabytes, and they name local source paths
     ShapeInferencePass()(model)
     return model

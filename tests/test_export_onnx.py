@@ -125,6 +125,33 @@ def test_fp16_graphs_keep_the_fragile_ops_in_fp32(onnx_fp16_bundle):
     assert {t.data_type for t in decoder.graph.initializer} <= {TensorProto.FLOAT, TensorProto.INT64}
 
 
+def test_one_cleaning_iteration_gives_onnxscripts_two_iteration_graph(tiny_reference):
+    """clean() runs onnxscript's optimizer once plus Identity elimination (half the time); on the tiny VAE decoder,
+    whose first iteration leaves Identity nodes, that must equal the default two iterations: the same nodes, no
+    Identity left, bitwise the same output. An onnxscript upgrade whose second iteration does more fails here."""
+    from collections import Counter
+
+    import onnx_ir as ir
+    import onnxruntime as ort
+    import onnxscript.optimizer
+
+    decoder = next(p for p in onnx_target.plan(tiny_reference, ExportOptions(height=64, width=64))
+                   if p.name == "vae_decoder")
+    traced = ir.serde.serialize_model(onnx_target.trace(decoder))
+    ours, default = ir.serde.deserialize_model(traced), ir.serde.deserialize_model(traced)
+    onnx_graph.clean(ours)
+    onnxscript.optimizer.optimize(default)  # two iterations
+    ops = [Counter(n.op_type for n in m.graph) for m in (ours, default)]
+    assert ops[0] == ops[1] and "Identity" not in ops[0]
+    once = ir.serde.deserialize_model(traced)
+    onnxscript.optimizer.optimize(once, num_iterations=1)
+    assert Counter(n.op_type for n in once.graph)["Identity"] > 0  # what the elimination pass is there for
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    outputs = [ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString()).run(None, {"latent_sample": x})[0]
+               for m in (ours, default)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 def test_big_graphs_keep_their_weights_in_one_data_file(onnx_fp32_bundle, tmp_path):
     import onnx_ir as ir
     import onnxruntime as ort
