@@ -17,7 +17,7 @@ import torch
 
 from sun_edge.pipeline import Pipeline
 from sun_edge.pocket.classifier import load_classifier, predict
-from sun_edge.pocket.eval import adherence, generate_images, methods, negative_steering, table2_prompts
+from sun_edge.pocket.eval import adherence, generate_images, methods, negative_steering, shape_visible, table2_prompts
 from sun_edge.runtimes.pytorch import TorchRuntime
 
 PROMPTS, PROMPT_SEED, IMAGE_SEED = 32, 7, 100
@@ -39,8 +39,8 @@ def main(argv: list[str]) -> int:
         if reference is None:
             reference = generate_images(pipe, prompts, seeds, table["cfg25"].settings)
         sun = generate_images(pipe, prompts, seeds, table["sun4"].settings)
-        cfg_colour = adherence(predict(classifier, reference), scenes)["colour"]
-        gap = cfg_colour - adherence(predict(classifier, sun), scenes)["colour"]
+        cfg_colour = adherence(predict(classifier, reference), scenes, shape_visible(reference))["colour"]
+        gap = cfg_colour - adherence(predict(classifier, sun), scenes, shape_visible(sun))["colour"]
         steering = negative_steering(pipe, classifier, table["sun4"].settings, seeds_per_shape=FIG5_SEEDS,
                                      first_seed=FIG5_SEED)
         fall = steering.fall()

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from sun_edge.cli import main
-from sun_edge.pocket.classifier import VALUES, load_classifier
-from sun_edge.pocket.eval import adherence, image_psnr, methods, negative_steering, table2_prompts
+from sun_edge.pocket.classifier import VALUES, load_classifier, predict
+from sun_edge.pocket.eval import adherence, image_psnr, methods, negative_steering, shape_visible, table2_prompts
 from sun_edge.pocket.eval import Scores
 from sun_edge.pocket.report import EvalRequest, spread
-from sun_edge.pocket.world import COLOURS, Scene, render
+from sun_edge.pocket.world import COLOURS, RGB, STYLES, Scene, make_example, render
 
 
 def test_image_psnr_by_hand():
@@ -35,6 +35,31 @@ def test_adherence_counts_each_attribute_and_all_right():
     assert got["colour"] == 0.5 and got["shape"] == 1.0
     assert got["mean"] == pytest.approx((4 + 0.5) / 5)
     assert got["all"] == 0.5
+
+
+def test_adherence_does_not_read_a_colour_where_no_shape_is_seen():
+    scenes = [Scene("circle", "green", "small", 1, "blue")] * 2
+    pred = {a: np.zeros(2, np.int64) for a in ("shape", "size", "background")}
+    pred.update(colour=np.full(2, VALUES["colour"].index("green")), count=np.ones(2, np.int64))
+    assert adherence(pred, scenes)["colour"] == 1.0
+    got = adherence(pred, scenes, visible=np.array([True, False]))
+    assert got["colour"] == 0.5 and got["shape"] == 1.0  # only the colour needs the shape seen
+
+
+def test_every_world_render_shows_a_shape_and_a_flat_background_none():
+    """The visibility thresholds come from the world's geometry (eval.py); they must pass every render of either
+    style, the smallest shapes included, and fail a flat image of any palette colour, which the classifier
+    would read as a colour (green, mostly)."""
+    for style in STYLES:
+        images = np.stack([make_example(i, 5, style).image for i in range(600)])
+        assert shape_visible(images).all(), style
+    flat = np.stack([np.full((64, 64, 3), rgb, np.uint8) for rgb in RGB.values()])
+    assert not shape_visible(flat).any()
+    faint = flat[[list(RGB).index("yellow")]].copy()
+    faint[0, 20:30, 20:30] = (250, 200, 30)  # a yellow-orange square on yellow, 20 units from it: not seen
+    assert not shape_visible(faint)[0]
+    faint[0, 20:30, 20:30] = RGB["orange"]  # the world's closest pair, orange on yellow: seen
+    assert shape_visible(faint)[0]
 
 
 def test_methods_are_the_papers_table2_rows():
@@ -79,6 +104,25 @@ def test_negative_steering_counts_shares_per_colour():
     assert steer.hits_without["red"] == [True] * 6 + [False] * 2  # circle, square, triangle x 2 seeds; stars green
     assert 0.0 <= steer.fall_sd() < 0.5
     assert steer.to_dict()["fall"] == pytest.approx(0.75)
+
+
+class _WipingPipe(_ColourPipe):
+    """As _ColourPipe, but the negative 'green' wipes the shape out: a flat green image, which the classifier
+    reads as green."""
+
+    def generate(self, prompt, negative, seeds, settings):
+        if negative == "green":
+            return [_Result(Image.fromarray(np.full((64, 64, 3), RGB["green"], np.uint8)))]
+        return super().generate(prompt, negative, seeds, settings)
+
+
+def test_negative_steering_counts_an_image_without_a_shape_as_no_colour():
+    steer = negative_steering(_WipingPipe(), load_classifier(), methods(64)["sun4"].settings, seeds_per_shape=2,
+                              colours=("red", "green"))
+    assert steer.without == {"red": 0.75, "green": 0.25}
+    assert steer.with_negative["green"] == 0.0  # no shape: not green, though the classifier says green
+    flat_green = np.full((1, 64, 64, 3), RGB["green"], np.uint8)
+    assert COLOURS[predict(load_classifier(), flat_green)["colour"][0]] == "green"  # what the check is there for
 
 
 def test_eval_on_the_tiny_model_writes_tables_grids_and_json(home_env, tmp_path, capsys):

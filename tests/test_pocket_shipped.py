@@ -96,8 +96,9 @@ def test_pytorch_pictures_are_recognisable(torch_images, prompts):
 
 def adherence_of(images, scenes):
     from sun_edge.pocket.classifier import load_classifier, predict
+    from sun_edge.pocket.eval import shape_visible
 
-    return adherence(predict(load_classifier(), images), scenes)
+    return adherence(predict(load_classifier(), images), scenes, shape_visible(images))
 
 
 def test_sun_4_steps_is_nearer_the_reference_than_dpm_solver_4_steps(torch_images):

@@ -25,6 +25,10 @@ Tables (the paper's numbering):
   negative prompt ``<colour>``, the share of images the classifier reads as that colour, for CFG 25
   and SUN 4 (the other colours' images are the control).
 
+An image that shows no shape at all (``shape_visible``: a flat background, or a shape drawn in nearly the
+background's own colour) is read as no colour: the classifier has no "none" answer and reads such images as
+green, so without this check a negative prompt that wipes the shape out would count as drawing green.
+
 Everything is generated through ``Pipeline`` on any runtime, from fixed seeds, batch 1.
 """
 
@@ -38,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from sun_edge.pipeline import Pipeline, Settings
-from sun_edge.pocket.world import ATTRIBUTES, COLOURS, SHAPES, Scene, eval_prompts, render, stylize
+from sun_edge.pocket.world import (ATTRIBUTES, COLOUR_PAIRS, COLOURS, RGB, SHAPES, SIZE_RADIUS, Scene,
+                                   eval_prompts, render, stylize)
 
 GUIDANCE = 8.0
 BOOTSTRAP = 200  # resamples of the prompts (with replacement) for the spreads of FD and of Fig. 5's fall
@@ -105,12 +110,44 @@ class Scores:
                 "psnr_per_image": self.psnr_per_image}
 
 
-def adherence(pred: dict[str, np.ndarray], scenes: Sequence[Scene]) -> dict[str, float]:
-    """Share of prompts whose attribute the classifier reads back, per attribute, their mean, and all-right."""
+# An image shows a shape where enough pixels differ from its background: by more than half the RGB distance of
+# the world's closest (colour, background) pair (orange on yellow), over at least half the smallest shape's
+# nominal area (a small circle-like shape, 2.4 r^2). Every world render passes (plain: 80+ such pixels at 64x64,
+# toon 173+); a flat background has none.
+VISIBLE_DISTANCE = 0.5 * min(float(np.linalg.norm(np.subtract(RGB[c], RGB[b]))) for c, b in COLOUR_PAIRS)
+VISIBLE_AREA = 0.5 * 2.4 * SIZE_RADIUS["small"] ** 2  # as a fraction of width^2
+
+
+def shape_visible(images: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> bool [B]: whether each image shows a shape at all (module docstring).
+
+    The background is the median colour of the image's one-pixel border; a pixel belongs to a shape when it is
+    more than ``VISIBLE_DISTANCE`` from it; an image shows a shape when over ``VISIBLE_AREA`` of it does."""
+    x = np.asarray(images, np.float32)
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # [B, 2H + 2W, 3]
+    background = np.median(border, axis=1)[:, None, None]
+    far = np.linalg.norm(x - background, axis=-1) > VISIBLE_DISTANCE
+    return far.sum(axis=(1, 2)) >= VISIBLE_AREA * x.shape[2] ** 2
+
+
+def colours_read(classifier: Any, images: np.ndarray) -> np.ndarray:
+    """The classifier's colour index per image, -1 (no colour) where ``shape_visible`` finds no shape."""
+    from sun_edge.pocket.classifier import predict
+
+    return np.where(shape_visible(images), predict(classifier, images)["colour"], -1)
+
+
+def adherence(pred: dict[str, np.ndarray], scenes: Sequence[Scene], visible: np.ndarray | None = None
+              ) -> dict[str, float]:
+    """Share of prompts whose attribute the classifier reads back, per attribute, their mean, and all-right.
+
+    ``visible`` (``shape_visible`` of the images): where False, the colour is not read back."""
     from sun_edge.pocket.classifier import truth
 
     want = truth(list(scenes))
     right = {a: pred[a] == want[a] for a in ATTRIBUTES}  # [N] bool each
+    if visible is not None:
+        right["colour"] = right["colour"] & np.asarray(visible, bool)
     out = {a: float(r.mean()) for a, r in right.items()}
     out["mean"] = float(np.mean([out[a] for a in ATTRIBUTES]))
     out["all"] = float(np.logical_and.reduce([right[a] for a in ATTRIBUTES]).mean())
@@ -137,7 +174,7 @@ def score(classifier: Any, images: np.ndarray, scenes: Sequence[Scene], real_fea
         picks = [rng.integers(0, len(feats), len(feats)) for _ in range(BOOTSTRAP)]
         fd_ref_sd = float(np.std([frechet_distance(feats[k], reference_feats[k]) for k in picks]))
     per_image = [image_psnr(r, o) for r, o in zip(reference, images)] if reference is not None else []
-    return Scores(adherence(predict(classifier, images), scenes), fd,
+    return Scores(adherence(predict(classifier, images), scenes, shape_visible(images)), fd,
                   float(np.mean(per_image)) if per_image else None, per_image, fd_ref, fd_ref_sd)
 
 
@@ -184,18 +221,16 @@ def negative_steering(pipe: Pipeline, classifier: Any, settings: Settings, *, se
                       colours: Sequence[str] = COLOURS, progress: Callable[[], None] | None = None,
                       first_seed: int = 1000) -> NegativeSteering:
     """``a <shape>`` for every shape, ``seeds_per_shape`` seeds from ``first_seed`` on (``sun-edge eval``: 1000);
-    once with no negative, once per colour as it."""
-    from sun_edge.pocket.classifier import predict
-
+    once with no negative, once per colour as it. An image with no visible shape is in no colour (``colours_read``)."""
     prompts = [f"a {shape}" for shape in SHAPES for _ in range(seeds_per_shape)]
     seeds = [first_seed + i for i in range(len(prompts))]
-    base = predict(classifier, generate_images(pipe, prompts, seeds, settings, "", progress))["colour"]
+    base = colours_read(classifier, generate_images(pipe, prompts, seeds, settings, "", progress))
     without, with_neg, hits_without, hits_with = {}, {}, {}, {}
     for colour in colours:
         index = COLOURS.index(colour)
         without[colour] = float((base == index).mean())
         hits_without[colour] = [bool(v) for v in base == index]
-        steered = predict(classifier, generate_images(pipe, prompts, seeds, settings, colour, progress))["colour"]
+        steered = colours_read(classifier, generate_images(pipe, prompts, seeds, settings, colour, progress))
         with_neg[colour] = float((steered == index).mean())
         hits_with[colour] = [bool(v) for v in steered == index]
     return NegativeSteering(without, with_neg, hits_without, hits_with)

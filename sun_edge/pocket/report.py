@@ -109,8 +109,8 @@ class EvalReport:
             out += ["", f"### Fig. 5: negative prompts steer SUN (prompt `a <shape>`, {req.negative_seeds} seeds per "
                     f"shape, on {req.models[0]})", "",
                     "Share of images the classifier reads as colour C, without a negative prompt and with C as the "
-                    "negative prompt; fall: 1 - mean with / mean without (± its s.d. over bootstrap resamples of "
-                    "the images).", "",
+                    "negative prompt (an image that shows no shape is in no colour); fall: 1 - mean with / mean "
+                    "without (± its s.d. over bootstrap resamples of the images).", "",
                     "| method | " + " | ".join(next(iter(self.fig5.values())).without) + " | mean | fall |",
                     "|---|" + "---|" * (len(next(iter(self.fig5.values())).without) + 2)]
             for name, steer in self.fig5.items():
