@@ -3,8 +3,8 @@
 Cleaning uses the onnxscript optimizer (``onnxscript.optimizer.optimize``, one iteration, then
 Identity elimination): constant folding with node-level shape inference, the onnxscript rewrite
 rules, dead node / function / opset removal, initializer deduplication and common-subexpression
-elimination, on the ``onnx_ir`` model that ``torch.onnx.export(dynamo=True)`` produces. It is what torch.onnx itself runs
-(``optimize=True``), it is maintained with the exporter and installed with it, it works on the
+elimination, on the ``onnx_ir`` model that ``torch.onnx.export(dynamo=True)`` produces. It is
+what torch.onnx itself runs (``optimize=True``), it is maintained with the exporter and installed with it, it works on the
 in-memory IR without serialising (so graphs over protobuf's 2 GB limit need no special
 path), and it keeps every Cast the precision policy put in (``modules.py``). The alternative,
 onnx-graphsurgeon + polygraphy, folds constants by running ONNX Runtime over a serialised
