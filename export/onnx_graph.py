@@ -4,9 +4,9 @@ Cleaning uses the onnxscript optimizer (``onnxscript.optimizer.optimize``, one i
 Identity elimination): constant folding with node-level shape inference, the onnxscript rewrite
 rules, dead node / function / opset removal, initializer deduplication and common-subexpression
 elimination, on the ``onnx_ir`` model that ``torch.onnx.export(dynamo=True)`` produces. It is
-what torch.onnx itself runs (``optimize=True``), it is maintained with the exporter and installed with it, it works on the
-in-memory IR without serialising (so graphs over protobuf's 2 GB limit need no special
-path), and it keeps every Cast the precision policy put in (``modules.py``). The alternative,
+the optimizer torch.onnx itself runs (``optimize=True``), it is maintained with the exporter and
+installed with it, it works on the in-memory IR without serialising (so graphs over protobuf's
+2 GB limit need no special path), and it keeps every Cast the precision policy put in (``modules.py``). The alternative,
 onnx-graphsurgeon + polygraphy, folds constants by running ONNX Runtime over a serialised
 proto, adds two NVIDIA packages to the export dependencies, and is better suited to
 TensorRT-specific surgery that this target does not need. After cleaning, ONNX's own shape
