@@ -4,7 +4,7 @@
                                    [--stages data vae base toon classifier sun sun-p0 sun-p0.25]
                                    [--time-box STAGE=SECONDS ...] [--no-cuda-graph] [--quick]
                                    [--threads N] [--scale X] [--save-precision fp16|fp32]
-                                   [--base MODEL] [--adapter-steps N] [--adapter-lr LR]
+                                   [--base MODEL | --base-init MODEL] [--adapter-steps N] [--adapter-lr LR]
                                    [--adapter-negatives attributes|colours] [--adapter-caption-drop D]
 
 scripts/train_pocket_gpu.sh runs the GPU plan the shipped family came from (toon and the three
@@ -32,6 +32,11 @@ resumes exactly from its checkpoints when its output is deleted and ``--adapter-
 
     python scripts/train_pocket.py OUT --stages data base --base pocket-base
     python scripts/train_pocket.py OUT --stages sun --adapter-steps 400 --threads 1
+
+More base training on a lent GPU, from the shipped base (scripts/device_pocket_base.sh wraps it for one
+device command and packs the result):
+
+    python scripts/train_pocket.py OUT --device cuda --plan gpu --stages data base --base-init pocket-base
 
 Every stage that runs appends one JSON line to OUT_DIR/log.jsonl (stage, output, steps,
 batch size, seconds, final loss, ...). ``--quick`` shrinks every stage to seconds: a smoke
@@ -219,6 +224,8 @@ def _load_vae(out: Path) -> Any:
 def run_base(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     from sun_edge.pocket.family import build_components, describe, write_model
 
+    if args.base_init is not None:
+        return continue_base(out, plan, args)
     if args.base is not None:  # a trained base (e.g. the shipped one): copied, its adapter file left out
         from sun_edge.adapter import BUNDLED_ADAPTER_FILE
         from sun_edge.models import resolve_model
@@ -236,6 +243,51 @@ def run_base(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     write_model(trained, outputs(out)["base"], precision=args.save_precision, extra=info)
     print(describe(trained), file=sys.stderr)
     return result.to_json()
+
+
+def continue_base(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    """``--base-init MODEL``: the base stage trains on from MODEL's text encoder and UNet (its VAE kept frozen).
+
+    A fresh AdamW (the plan's base learning rate and warm-up) and a fresh EMA that starts at MODEL's weights, on
+    the data stage's images; ``pocket.json`` keeps MODEL's record and adds this run to its ``runs`` and
+    ``samples``, so the written model says everything it was trained on."""
+    from sun_edge.models import resolve_model
+    from sun_edge.pocket.family import describe, load_components, read_pocket_info, write_model
+    from sun_edge.pocket.train_family import ImageCaptions, train_base
+
+    source = resolve_model(args.base_init)
+    before = read_pocket_info(source)
+    if before.get("stage", "base") != "base":
+        from sun_edge.errors import SunEdgeError
+
+        raise SunEdgeError(f"--base-init {args.base_init}: its pocket.json says stage {before['stage']!r}; "
+                           "continue a base model (e.g. pocket-base), not a fine-tune")
+    data = ImageCaptions.from_folder(outputs(out)["data"] / "plain")
+    components = load_components(source)
+    trained, result = train_base(components, data, stage_config(plan.base, plan.base_lr, args, plan, args.seed, "base"),
+                                 ema_decay=plan.base_ema, text_encoder_lr=plan.text_encoder_lr)
+    run = {"part": f"continued from {source} (a fresh AdamW, seed {args.seed})", "device": device_name(args.device),
+           "steps": result.steps, "batch_size": result.batch_size, "seconds": round(result.seconds, 2),
+           "final_loss": result.final_loss}
+    info = {key: value for key, value in before.items() if key != "adapter"}  # the adapter file is not copied
+    command = "python scripts/train_pocket.py " + " ".join(args.command_line)
+    info.update({"stage": "base", "world_seed": WORLD_SEED, "continued_from": str(source),
+                 "command": f"{before['command']}; then {command}" if "command" in before else command,
+                 "runs": [*before.get("runs", []), run],
+                 "samples": int(before.get("samples", 0)) + result.steps * result.batch_size,
+                 "ema_decay": plan.base_ema, "learning_rate": plan.base_lr})
+    write_model(trained, outputs(out)["base"], precision=args.save_precision, extra=info)
+    print(describe(trained), file=sys.stderr)
+    return {"continued_from": str(source), "samples_before": int(before.get("samples", 0)), **result.to_json()}
+
+
+def device_name(device: str) -> str:
+    """What trained: the GPU's name and torch's version for CUDA, else the device string."""
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    return f"{device}, torch {torch.__version__}"
 
 
 def run_toon(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
@@ -365,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", metavar="MODEL",
                         help="base stage: copy this trained model (name or folder, e.g. pocket-base) instead of training")
+    parser.add_argument("--base-init", metavar="MODEL",
+                        help="base stage: train on from this trained base (name or folder, e.g. pocket-base) with a "
+                             "fresh AdamW instead of from scratch; its pocket.json record is carried on")
     parser.add_argument("--adapter-steps", type=int, metavar="N",
                         help="adapter stages: train to this many steps (a stage resumes from its checkpoints, so "
                              "deleting its output and raising N continues it exactly)")
@@ -383,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's; 1 on a shared machine)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # for the records a stage writes
 
     from sun_edge.errors import SunEdgeError
 
@@ -407,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.adapter_init is not None and not args.adapter_init.is_file():
         print(f"error: --adapter-init {args.adapter_init} is not a file; give a .safetensors adapter", file=sys.stderr)
+        return 2
+    if args.base is not None and args.base_init is not None:
+        print("error: --base copies a model and --base-init trains on from one; give one of them", file=sys.stderr)
         return 2
     if args.scale <= 0:
         print(f"error: --scale must be positive, got {args.scale}", file=sys.stderr)

@@ -220,6 +220,59 @@ def test_quick_family_run_writes_loadable_models_and_resumes(tmp_path, one_threa
         torch.testing.assert_close(after[name].float(), before[name].float(), rtol=1e-3, atol=1e-4)
 
 
+def test_device_script_trains_the_shipped_base_on_and_packs_it(tmp_path, capsys):
+    """scripts/device_pocket_base.sh (issue 14's GPU run) on the CPU with --quick: ``--base-init`` trains on
+    from the shipped pocket-base, and the tar holds a loadable model that records every run."""
+    import subprocess
+    import tarfile
+
+    from safetensors.torch import load_file
+
+    from sun_edge.models import load_model, resolve_model
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**__import__("os").environ, "WORK": str(work), "DEVICE": "cpu", "CHECK_PROMPTS": "1",
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "device_pocket_base.sh"), str(out), "--quick"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    checks = [json.loads(line) for line in (out / "check.jsonl").read_text().splitlines()]
+    assert [c["model"] for c in checks] == ["pocket-base", str(work / "pocket-base")]
+    assert all(0 <= c["cfg25"]["colour"] <= 1 and c["prompts"] == 1 for c in checks)
+    with tarfile.open(out / "pocket-base.tar") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert not list(out.glob("*.partial"))
+    new = tmp_path / "unpacked" / "pocket-base"
+    assert not (new / "sun-adapter.safetensors").exists()  # the shipped adapter is not copied along
+
+    shipped = resolve_model("pocket-base")
+    before, after = family.read_pocket_info(shipped), family.read_pocket_info(new)
+    run = after["runs"][-1]
+    assert after["runs"][:-1] == before["runs"] and run["steps"] == 3 and run["batch_size"] == 4
+    assert after["samples"] == before["samples"] + 3 * 4
+    assert after["continued_from"] == str(shipped) and "adapter" not in after
+    assert after["command"].startswith(before["command"]) and "--base-init pocket-base" in after["command"]
+    old_unet = load_file(shipped / "unet" / "diffusion_pytorch_model.safetensors")
+    new_unet = load_file(new / "unet" / "diffusion_pytorch_model.safetensors")
+    assert old_unet.keys() == new_unet.keys()
+    assert any(not torch.equal(old_unet[k], new_unet[k]) for k in old_unet)  # it trained
+    old_vae = load_file(shipped / "vae" / "diffusion_pytorch_model.safetensors")
+    new_vae = load_file(new / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(old_vae[k], new_vae[k]) for k in old_vae)  # the VAE stays frozen
+    assert load_model(str(new)).unet.dtype == torch.float32
+
+
+def test_base_init_is_refused_with_base_and_for_a_fine_tune(tmp_path, capsys):
+    script = load_script()
+    assert script.main([str(tmp_path / "a"), "--stages", "base", "--base", "pocket-base",
+                        "--base-init", "pocket-base"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    (tmp_path / "b" / "data" / "plain").mkdir(parents=True)
+    assert script.main([str(tmp_path / "b"), "--stages", "base", "--base-init", "pocket-toon", "--no-progress"]) == 2
+    assert "says stage 'toon'" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "pocket-base").exists()
+
+
 def test_open_caption_data_keeps_the_images_and_opens_the_captions(tmp_path, capsys):
     """--adapter-caption-drop: the same pictures as the data stage's, under captions that name fewer attributes."""
     import argparse
