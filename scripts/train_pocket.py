@@ -20,6 +20,8 @@ Stages, in order, each writing one output under OUT_DIR and skipped when it alre
     vae         vae/                      the autoencoder, scaling_factor calibrated
     base        pocket-base/              text encoder + UNet from scratch (the SD1.5 role)
     toon        pocket-toon/              pocket-base fine-tuned on toon images (a civitai fine-tune)
+    decoder     vae-decoder/              the VAE's decoder fine-tuned on both styles, its encoder frozen (the
+                                          latent space unchanged); written into pocket-base/ and pocket-toon/
     classifier  classifier.safetensors    the world's attribute classifier (metrics)
     sun         adapters/sun-p0.1.safetensors   SUN adapter on pocket-base, the trainer's
                                           defaults (MSC p = 0.1) at resolution 64; also copied
@@ -55,7 +57,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-STAGES = ("data", "vae", "base", "toon", "classifier", "sun", "sun-p0", "sun-p0.25")
+STAGES = ("data", "vae", "base", "toon", "decoder", "classifier", "sun", "sun-p0", "sun-p0.25")
 WORLD_SEED = 0  # the training world; the classifier evaluates on world.HELD_OUT-shifted seeds
 ADAPTER_P = {"sun": 0.1, "sun-p0": 0.0, "sun-p0.25": 0.25}
 # Negatives: 0 or 1 of the world's 26 attribute phrases (world.attribute_negatives: a colour, a shape, a
@@ -96,6 +98,8 @@ class Plan:
     classifier: tuple[int, int]
     classifier_pool: int
     adapter: tuple[int, int]
+    decoder: tuple[int, int] = (3000, 32)  # CPU: 0.53 s a step on 2 cores
+    decoder_lr: float = 1e-3
     adapter_lr: float = ADAPTER_LR
     vae_lr: float = 1e-3
     base_lr: float = 1e-3
@@ -122,10 +126,11 @@ FULL = Plan(plain_images=8000, toon_images=4000, vae=(1500, 16), base=(2000, 32)
 # prompts are learnt (CFG-25 adherence 0.60 at 2M samples, 0.87 at 4M; docs/pocket.md). Toon and the
 # three adapters then train side by side on the same GPU (scripts/train_pocket_gpu.sh).
 GPU = Plan(plain_images=16000, toon_images=4000, vae=(4000, 256), base=(100000, 1024), toon=(3000, 1024),
-           classifier=(600, 64), classifier_pool=8192, adapter=(5000, 64), base_ema=0.999, toon_ema=0.995)
-GPU_SECONDS = {"vae": 60.0, "base": 455.0, "toon": 80.0, "sun": 150.0, "sun-p0": 150.0, "sun-p0.25": 150.0}
+           classifier=(600, 64), classifier_pool=8192, adapter=(5000, 64), decoder=(4000, 256), base_ema=0.999,
+           toon_ema=0.995)
+GPU_SECONDS = {"vae": 60.0, "base": 455.0, "decoder": 60.0, "toon": 80.0, "sun": 150.0, "sun-p0": 150.0, "sun-p0.25": 150.0}
 QUICK = Plan(plain_images=48, toon_images=24, vae=(3, 4), base=(3, 4), toon=(2, 4), classifier=(3, 8),
-             classifier_pool=48, adapter=(1, 1), warmup=1)
+             classifier_pool=48, adapter=(1, 1), decoder=(2, 4), warmup=1)
 
 
 def scaled(plan: Plan, factor: float) -> Plan:
@@ -133,13 +138,14 @@ def scaled(plan: Plan, factor: float) -> Plan:
     def times(steps_batch: tuple[int, int]) -> tuple[int, int]:
         return max(1, round(steps_batch[0] * factor)), steps_batch[1]
 
-    return replace(plan, vae=times(plan.vae), base=times(plan.base), toon=times(plan.toon),
+    return replace(plan, vae=times(plan.vae), base=times(plan.base), toon=times(plan.toon), decoder=times(plan.decoder),
                    classifier=times(plan.classifier), adapter=times(plan.adapter))
 
 
 def outputs(out: Path) -> dict[str, Path]:
     """Each stage's output path (its existence marks the stage done)."""
     return {"data": out / "data", "vae": out / "vae", "base": out / "pocket-base", "toon": out / "pocket-toon",
+            "decoder": out / "vae-decoder",
             "classifier": out / "classifier.safetensors", "sun": out / "adapters" / "sun-p0.1.safetensors",
             "sun-p0": out / "adapters" / "sun-p0.safetensors", "sun-p0.25": out / "adapters" / "sun-p0.25.safetensors"}
 
@@ -147,7 +153,7 @@ def outputs(out: Path) -> dict[str, Path]:
 def is_done(stage: str, path: Path) -> bool:
     if stage == "data":
         return (path / "plain" / "world.json").is_file() and (path / "toon" / "world.json").is_file()
-    if stage == "vae":
+    if stage in ("vae", "decoder"):
         return (path / "config.json").is_file()
     if stage in ("base", "toon"):
         return (path / "unet" / "config.json").is_file()
@@ -303,6 +309,50 @@ def run_toon(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     return result.to_json()
 
 
+def run_decoder(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    """The VAE of this run's pocket-base with its decoder fine-tuned (``train_family.finetune_vae_decoder``) on the
+    plain and toon images; written to ``vae-decoder/`` and then as the ``vae/`` of pocket-base and pocket-toon
+    (where this run has them), each model's ``pocket.json`` saying so."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sun_edge.errors import SunEdgeError
+    from sun_edge.pocket.family import read_pocket_info
+    from sun_edge.pocket.train_family import ImageCaptions, finetune_vae_decoder
+
+    base = outputs(out)["base"]
+    if not is_done("base", base):
+        raise SunEdgeError(f"no pocket-base in {out}: run the base stage first (or --stages base --base pocket-base)")
+    vae = AutoencoderKL.from_pretrained(str(base / "vae"), local_files_only=True).float()
+    plain = ImageCaptions.from_folder(outputs(out)["data"] / "plain")
+    toon = ImageCaptions.from_folder(outputs(out)["data"] / "toon")
+    data = ImageCaptions(torch.cat([plain.images, toon.images]), plain.captions + toon.captions)
+    result = finetune_vae_decoder(vae, data, stage_config(plan.decoder, plan.decoder_lr, args, plan, args.seed + 2,
+                                                          "decoder"))
+    dst = outputs(out)["decoder"]
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (vae.half() if args.save_precision == "fp16" else vae).to("cpu").save_pretrained(tmp, safe_serialization=True)
+    for written in tmp.iterdir():
+        written.chmod(0o644)  # the weights file comes out private
+    tmp.rename(dst)
+    record = {"from": str(base / "vae"), "plain_images": len(plain), "toon_images": len(toon), **result.to_json()}
+    for model in (outputs(out)["base"], outputs(out)["toon"]):
+        if not is_done("toon", model):
+            continue
+        staged, old = model / ".vae.new", model / ".vae.old"
+        for leftover in (staged, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        shutil.copytree(dst, staged)
+        (model / "vae").rename(old)  # the model always has a whole vae/: the old one until the new one is in
+        staged.rename(model / "vae")
+        shutil.rmtree(old)
+        info = read_pocket_info(model)
+        info["vae_decoder"] = record
+        (model / "pocket.json").write_text(json.dumps(info, indent=2) + "\n")
+    return record
+
+
 def run_classifier(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     from sun_edge.pocket.classifier import save_classifier, train_classifier
 
@@ -392,7 +442,8 @@ def open_caption_data(plain: Path, drop: float, args: argparse.Namespace) -> Pat
 
 
 def run_stage(stage: str, out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
-    runners = {"data": run_data, "vae": run_vae, "base": run_base, "toon": run_toon, "classifier": run_classifier}
+    runners = {"data": run_data, "vae": run_vae, "base": run_base, "toon": run_toon, "decoder": run_decoder,
+               "classifier": run_classifier}
     if stage in runners:
         return runners[stage](out, plan, args)
     return run_adapter(stage, out, plan, args)

@@ -163,6 +163,28 @@ def test_cuda_graph_training_runs_the_family():
     assert graphed.final_loss < first_eager and eager.final_loss < first_eager
 
 
+def test_decoder_fine_tune_keeps_the_encoder_and_the_latent_scale(one_thread):
+    """finetune_vae_decoder trains post_quant_conv + decoder only: the encoder (so the latent space every UNet was
+    trained on) and scaling_factor stay bit for bit; the decoder moves and its reconstruction loss falls."""
+    from sun_edge.pocket.train_family import ImageCaptions, StageConfig, finetune_vae_decoder
+
+    vae = family.build_components(0)["vae"]
+    vae.register_to_config(scaling_factor=0.5)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    data = ImageCaptions.render(16, seed=3)
+    result = finetune_vae_decoder(vae, data, StageConfig(steps=30, batch_size=8, learning_rate=3e-3, seed=0,
+                                                         progress=False, warmup_steps=1))
+    after = vae.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in trained) > len(trained) // 2
+    assert vae.config.scaling_factor == 0.5
+    assert result.extra["loss_first"] > result.final_loss
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+
+
 def test_write_model_refuses_existing(tmp_path, components):
     from sun_edge.errors import SunEdgeError
 
@@ -176,7 +198,7 @@ def test_quick_family_run_writes_loadable_models_and_resumes(tmp_path, one_threa
 
     script = load_script()
     out = tmp_path / "pocket"
-    stages = ["data", "vae", "base", "toon", "classifier", "sun"]
+    stages = ["data", "vae", "base", "toon", "decoder", "classifier", "sun"]
     assert script.main([str(out), "--quick", "--no-progress", "--stages", *stages]) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [entry["stage"] for entry in log] == stages
@@ -192,6 +214,10 @@ def test_quick_family_run_writes_loadable_models_and_resumes(tmp_path, one_threa
         assert loaded.unet.dtype == torch.float32  # stored fp16, loaded as float32
         assert (out / name / "sun-adapter.safetensors").is_file()
         assert family.read_pocket_info(out / name)["stage"] in ("base", "toon")
+        assert family.read_pocket_info(out / name)["vae_decoder"]["steps"] == 2  # the decoder stage's VAE is in
+        assert (out / name / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+            out / "vae-decoder" / "diffusion_pytorch_model.safetensors").read_bytes()
+        assert not list((out / name).glob(".vae.*"))
     assert (out / "classifier.safetensors").is_file()
     assert (out / "adapters" / "sun-p0.1.safetensors").is_file()
     base_bytes = sum(f.stat().st_size for f in (out / "pocket-base").rglob("*.safetensors") if f.parent.name != "pocket-base")

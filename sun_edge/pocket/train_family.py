@@ -215,6 +215,45 @@ def train_vae(vae: nn.Module, data: ImageCaptions, config: StageConfig, *, kl_we
     return _result(losses, config, elapsed, loss="l1", kl_weight=kl_weight, **stats)
 
 
+def finetune_vae_decoder(vae: nn.Module, data: ImageCaptions, config: StageConfig) -> StageResult:
+    """Train ``vae``'s decoder in place on its frozen encoder's latents: the latent space, and so every UNet,
+    adapter and ControlNet trained on it, stays as it is (Stable Diffusion's own VAE decoder fine-tunes
+    are made so). L1 on pixels from posterior samples, as ``train_vae``; ``scaling_factor`` is kept."""
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    vae.to(config.device).eval().requires_grad_(False)
+    decoder = [vae.post_quant_conv, vae.decoder]  # everything after the latent
+    params = [p for m in decoder for p in m.parameters()]
+    for module in decoder:
+        module.train().requires_grad_(True)
+    opt, sched = _optimizer(params, config)
+    losses: list[float] = []
+    clock = _Clock()
+    bar = _bar(config, "decoder")
+    for step in bar:
+        index = torch.randint(len(data), (config.batch_size,), generator=gen)
+        x = data.pixels(index, config.device)  # [B, 3, H, W]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=None)  # [B, 4, h, w]
+        with _autocast(config):
+            recon = vae.decode(z).sample.float()  # [B, 3, H, W]
+        loss = F.l1_loss(recon, x)
+        _check_finite(loss, "decoder", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(l1=f"{loss.item():.4f}", refresh=False)
+        if _out_of_time(config, clock):
+            break
+    elapsed = clock.read()
+    vae.eval().requires_grad_(False)
+    return _result(losses, config, elapsed, loss="l1", trained="post_quant_conv + decoder (encoder frozen)",
+                   examples=len(data), loss_first=float(np.mean(losses[: max(1, min(100, len(losses) // 10))])))
+
+
 @torch.no_grad()
 def calibrate_vae(vae: nn.Module, data: ImageCaptions, *, samples: int = 1024, device: str = "cpu",
                   seed: int = 0) -> dict[str, float]:
