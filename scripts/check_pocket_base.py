@@ -7,8 +7,8 @@ sampler (DPM-Solver++ 25 steps, CFG 8) on N held-out prompts (``world.eval_promp
 scripts/pick_pocket_adapter.py), read back by the world's attribute classifier. One JSON line per model: the share
 of images with each attribute right (the colour only where a shape shows, as in the eval), and which colour was
 read where the asked one was not. Issue 14's base target is CFG 25 reading back the colour asked for in 90%.
-``vae_round_trip``: the same reading of 256 held-out world renders per style after the model's VAE encodes and
-decodes them (posterior means): what the decoder alone loses, whatever the UNet draws.
+``vae_round_trip`` (``sun_edge.pocket.eval``): the same reading of 256 held-out world renders per style after the
+model's VAE encodes and decodes them: what the decoder alone loses, whatever the UNet draws.
 ``--guidance`` runs the same sampler at other guidance scales too (one line per model and scale).
 """
 
@@ -25,33 +25,13 @@ from typing import Any
 PROMPTS, PROMPT_SEED, IMAGE_SEED = 64, 7, 100
 
 
-ROUND_TRIP_SCENES, ROUND_TRIP_SEED = 256, 11
-
-
-def vae_round_trip(vae: Any, classifier: Any, style: str) -> dict[str, float]:
-    """Attributes read back from held-out world renders in ``style`` after ``vae`` encodes and decodes them."""
-    import torch
-
-    from sun_edge.pocket.classifier import predict, truth
-    from sun_edge.pocket.eval import real_images, table2_prompts
-
-    _, scenes, _ = table2_prompts(ROUND_TRIP_SCENES, seed=PROMPT_SEED)
-    real = real_images(scenes, ROUND_TRIP_SEED, style, 64)  # uint8 [N, 64, 64, 3]
-    param = next(vae.parameters())
-    with torch.no_grad():
-        x = torch.from_numpy(real).permute(0, 3, 1, 2).to(param) / 127.5 - 1  # [N, 3, 64, 64]
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-    decoded = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    read, want = predict(classifier, decoded), truth(list(scenes))
-    return {a: round(float((read[a] == want[a]).mean()), 4) for a in ("shape", "colour", "count", "background")}
-
-
 def check(model: str, *, prompts: int, device: str, classifier: Any, guidance: float | None = None) -> dict[str, Any]:
     """The JSON line for one model (module docstring)."""
     from sun_edge.pipeline import Pipeline
     from sun_edge.pocket.classifier import predict, truth
-    from sun_edge.pocket.eval import adherence, colours_read, generate_images, methods, shape_visible, table2_prompts
-    from sun_edge.pocket.world import COLOURS
+    from sun_edge.pocket.eval import (adherence, colours_read, generate_images, methods, shape_visible, table2_prompts,
+                                      vae_round_trip)
+    from sun_edge.pocket.world import COLOURS, STYLES
     from sun_edge.runtimes.pytorch import TorchRuntime
 
     texts, scenes, _ = table2_prompts(prompts, seed=PROMPT_SEED)
@@ -67,7 +47,7 @@ def check(model: str, *, prompts: int, device: str, classifier: Any, guidance: f
     vae = pipe.runtime.vae
     return {"model": model, "prompts": prompts, "guidance": settings.guidance,
             "cfg25": {k: round(v, 4) for k, v in scores.items()}, "colour_misses": dict(misses.most_common()),
-            "vae_round_trip": {style: vae_round_trip(vae, classifier, style) for style in ("plain", "toon")},
+            "vae_round_trip": {style: vae_round_trip(vae, classifier, style, seed=PROMPT_SEED) for style in STYLES},
             "seconds": round(time.perf_counter() - start, 1)}
 
 

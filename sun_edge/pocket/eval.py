@@ -29,6 +29,9 @@ An image that shows no shape at all (``shape_visible``: a flat background, or a 
 background's own colour) is read as no colour: the classifier has no "none" answer and reads such images as
 green, so without this check a negative prompt that wipes the shape out would count as drawing green.
 
+``vae_round_trip`` reads world renders after the model's VAE alone encodes and decodes them: what the autoencoder
+loses before any UNet draws (the first Pocket decoder turned green shapes grey-brown; docs/pocket.md).
+
 Everything is generated through ``Pipeline`` on any runtime, from fixed seeds, batch 1.
 """
 
@@ -158,6 +161,25 @@ def real_images(scenes: Sequence[Scene], seed: int, style: str, size: int) -> np
     """World renders of ``scenes`` (their own layout draws) in ``style``: the FD's real side, uint8 [N,H,W,3]."""
     return np.stack([stylize(render(s, np.random.default_rng([seed, i, 0xFD]), size), style)
                      for i, s in enumerate(scenes)])
+
+
+def vae_round_trip(vae: Any, classifier: Any, style: str, *, scenes: int = 256, seed: int = 7) -> dict[str, float]:
+    """Share of ``scenes`` world renders in ``style`` (``table2_prompts(scenes, seed)``'s scenes, their own layout
+    draws) whose shape, colour, count and background the classifier reads back after ``vae`` (a diffusers
+    ``AutoencoderKL``) encodes them and decodes the posterior means: what the autoencoder alone loses."""
+    import torch
+
+    from sun_edge.pocket.classifier import predict, truth
+
+    chosen = table2_prompts(scenes, seed=seed)[1]
+    real = real_images(chosen, seed + 4, style, 64)  # uint8 [N, 64, 64, 3]
+    param = next(vae.parameters())
+    with torch.no_grad():
+        x = torch.from_numpy(real).permute(0, 3, 1, 2).to(param) / 127.5 - 1  # [N, 3, 64, 64] in [-1, 1]
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+    decoded = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    read, want = predict(classifier, decoded), truth(list(chosen))
+    return {a: float((read[a] == want[a]).mean()) for a in ("shape", "colour", "count", "background")}
 
 
 def score(classifier: Any, images: np.ndarray, scenes: Sequence[Scene], real_feats: np.ndarray,
