@@ -234,7 +234,7 @@ def finetune_vae_decoder(vae: nn.Module, data: ImageCaptions, config: StageConfi
         index = torch.randint(len(data), (config.batch_size,), generator=gen)
         x = data.pixels(index, config.device)  # [B, 3, H, W]
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample(generator=None)  # [B, 4, h, w]
+            z = vae.encode(x).latent_dist.sample()  # [B, 4, h, w]
         with _autocast(config):
             recon = vae.decode(z).sample.float()  # [B, 3, H, W]
         loss = F.l1_loss(recon, x)
