@@ -25,8 +25,10 @@ from typing import Any
 PROMPTS, PROMPT_SEED, IMAGE_SEED = 64, 7, 100
 
 
-def check(model: str, *, prompts: int, device: str, classifier: Any, guidance: float | None = None) -> dict[str, Any]:
-    """The JSON line for one model (module docstring)."""
+def check(model: str, *, prompts: int, device: str, classifier: Any,
+          guidances: list[float | None]) -> list[dict[str, Any]]:
+    """The JSON lines for one model, one per guidance scale (None: the eval's); the model is loaded and its VAE's
+    round trip measured once (module docstring)."""
     from sun_edge.pipeline import Pipeline
     from sun_edge.pocket.classifier import predict, truth
     from sun_edge.pocket.eval import (adherence, colours_read, generate_images, methods, shape_visible, table2_prompts,
@@ -36,19 +38,23 @@ def check(model: str, *, prompts: int, device: str, classifier: Any, guidance: f
 
     texts, scenes, _ = table2_prompts(prompts, seed=PROMPT_SEED)
     seeds = [IMAGE_SEED + i for i in range(prompts)]
-    start = time.perf_counter()
+    asked = truth(list(scenes))["colour"]
     pipe = Pipeline(TorchRuntime.load(model, None, device=device))
-    settings = methods(64)["cfg25"].settings
-    settings = settings if guidance is None else replace(settings, guidance=guidance)
-    images = generate_images(pipe, texts, seeds, settings)
-    scores = adherence(predict(classifier, images), scenes, shape_visible(images))
-    asked, read = truth(list(scenes))["colour"], colours_read(classifier, images)
-    misses = Counter(f"{COLOURS[a]} -> {COLOURS[r] if r >= 0 else 'no shape'}" for a, r in zip(asked, read) if a != r)
-    vae = pipe.runtime.vae
-    return {"model": model, "prompts": prompts, "guidance": settings.guidance,
-            "cfg25": {k: round(v, 4) for k, v in scores.items()}, "colour_misses": dict(misses.most_common()),
-            "vae_round_trip": {style: vae_round_trip(vae, classifier, style, seed=PROMPT_SEED) for style in STYLES},
-            "seconds": round(time.perf_counter() - start, 1)}
+    round_trip = {style: vae_round_trip(pipe.runtime.vae, classifier, style, seed=PROMPT_SEED) for style in STYLES}
+    lines = []
+    for guidance in guidances:
+        start = time.perf_counter()
+        settings = methods(64)["cfg25"].settings
+        settings = settings if guidance is None else replace(settings, guidance=guidance)
+        images = generate_images(pipe, texts, seeds, settings)
+        scores = adherence(predict(classifier, images), scenes, shape_visible(images))
+        read = colours_read(classifier, images)
+        misses = Counter(f"{COLOURS[a]} -> {COLOURS[r] if r >= 0 else 'no shape'}"
+                         for a, r in zip(asked, read) if a != r)
+        lines.append({"model": model, "prompts": prompts, "guidance": settings.guidance,
+                      "cfg25": {k: round(v, 4) for k, v in scores.items()}, "colour_misses": dict(misses.most_common()),
+                      "vae_round_trip": round_trip, "seconds": round(time.perf_counter() - start, 1)})
+    return lines
 
 
 def scales(text: str) -> list[float]:
@@ -75,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
 
     classifier = load_classifier()
     for model in args.models:
-        for guidance in args.guidance or [None]:
-            try:
-                line = check(model, prompts=args.prompts, device=args.device, classifier=classifier, guidance=guidance)
-            except SunEdgeError as error:
-                print(f"error: {model}: {error}", file=sys.stderr)
-                return 2
+        try:
+            lines = check(model, prompts=args.prompts, device=args.device, classifier=classifier,
+                          guidances=args.guidance or [None])
+        except SunEdgeError as error:
+            print(f"error: {model}: {error}", file=sys.stderr)
+            return 2
+        for line in lines:
             print(json.dumps(line), flush=True)
     return 0
 

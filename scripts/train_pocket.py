@@ -128,7 +128,8 @@ FULL = Plan(plain_images=8000, toon_images=4000, vae=(1500, 16), base=(2000, 32)
 GPU = Plan(plain_images=16000, toon_images=4000, vae=(4000, 256), base=(100000, 1024), toon=(3000, 1024),
            classifier=(600, 64), classifier_pool=8192, adapter=(5000, 64), decoder=(4000, 256), base_ema=0.999,
            toon_ema=0.995)
-GPU_SECONDS = {"vae": 60.0, "base": 455.0, "decoder": 60.0, "toon": 80.0, "sun": 150.0, "sun-p0": 150.0, "sun-p0.25": 150.0}
+GPU_SECONDS = {"vae": 60.0, "base": 455.0, "decoder": 60.0, "toon": 80.0, "sun": 150.0, "sun-p0": 150.0,
+               "sun-p0.25": 150.0}
 QUICK = Plan(plain_images=48, toon_images=24, vae=(3, 4), base=(3, 4), toon=(2, 4), classifier=(3, 8),
              classifier_pool=48, adapter=(1, 1), decoder=(2, 4), warmup=1)
 
@@ -213,18 +214,24 @@ def run_vae(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     data = ImageCaptions.from_folder(outputs(out)["data"] / "plain")
     vae = build_components(args.seed)["vae"]
     result = train_vae(vae, data, stage_config(plan.vae, plan.vae_lr, args, plan, args.seed, "vae"))
-    dst = outputs(out)["vae"]
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(dst)
+    _write_vae(vae, outputs(out)["vae"])
     return result.to_json()
 
 
-def _load_vae(out: Path) -> Any:
+def _write_vae(vae: Any, dst: Path) -> None:
+    """``vae`` as a diffusers folder at ``dst``, written beside it and renamed into place when complete."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    for written in tmp.iterdir():
+        written.chmod(0o644)  # the weights file comes out private
+    tmp.rename(dst)
+
+
+def _load_vae(folder: Path) -> Any:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(str(outputs(out)["vae"]), local_files_only=True).eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
 
 
 def run_base(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
@@ -242,7 +249,7 @@ def run_base(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     from sun_edge.pocket.train_family import ImageCaptions, train_base
 
     data = ImageCaptions.from_folder(outputs(out)["data"] / "plain")
-    components = {**build_components(args.seed), "vae": _load_vae(out)}
+    components = {**build_components(args.seed), "vae": _load_vae(outputs(out)["vae"])}
     trained, result = train_base(components, data, stage_config(plan.base, plan.base_lr, args, plan, args.seed, "base"),
                                  ema_decay=plan.base_ema, text_encoder_lr=plan.text_encoder_lr)
     info = {"stage": "base", "world_seed": WORLD_SEED, **result.to_json()}
@@ -314,7 +321,6 @@ def run_decoder(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, An
     plain and toon images; written to ``vae-decoder/`` and then as the ``vae/`` of pocket-base and pocket-toon
     (where this run has them), each model's ``pocket.json`` saying so."""
     import torch
-    from diffusers import AutoencoderKL
 
     from sun_edge.errors import SunEdgeError
     from sun_edge.pocket.family import read_pocket_info
@@ -323,19 +329,14 @@ def run_decoder(out: Path, plan: Plan, args: argparse.Namespace) -> dict[str, An
     base = outputs(out)["base"]
     if not is_done("base", base):
         raise SunEdgeError(f"no pocket-base in {out}: run the base stage first (or --stages base --base pocket-base)")
-    vae = AutoencoderKL.from_pretrained(str(base / "vae"), local_files_only=True).float()
+    vae = _load_vae(base / "vae").float()
     plain = ImageCaptions.from_folder(outputs(out)["data"] / "plain")
     toon = ImageCaptions.from_folder(outputs(out)["data"] / "toon")
     data = ImageCaptions(torch.cat([plain.images, toon.images]), plain.captions + toon.captions)
     result = finetune_vae_decoder(vae, data, stage_config(plan.decoder, plan.decoder_lr, args, plan, args.seed + 2,
                                                           "decoder"))
     dst = outputs(out)["decoder"]
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (vae.half() if args.save_precision == "fp16" else vae).to("cpu").save_pretrained(tmp, safe_serialization=True)
-    for written in tmp.iterdir():
-        written.chmod(0o644)  # the weights file comes out private
-    tmp.rename(dst)
+    _write_vae(vae.half() if args.save_precision == "fp16" else vae, dst)
     record = {"from": str(base / "vae"), "plain_images": len(plain), "toon_images": len(toon), **result.to_json()}
     for model in (outputs(out)["base"], outputs(out)["toon"]):
         if not is_done("toon", model):
