@@ -4,7 +4,8 @@
                                    [--stages data vae base toon classifier sun sun-p0 sun-p0.25]
                                    [--time-box STAGE=SECONDS ...] [--no-cuda-graph] [--quick]
                                    [--threads N] [--scale X] [--save-precision fp16|fp32]
-                                   [--base MODEL | --base-init MODEL] [--adapter-steps N] [--adapter-lr LR]
+                                   [--base MODEL | --base-init MODEL] [--adapter-steps N] [--adapter-batch B]
+                                   [--adapter-lr LR]
                                    [--adapter-negatives attributes|colours] [--adapter-caption-drop D]
 
 scripts/train_pocket_gpu.sh runs the GPU plan the shipped family came from (toon and the three
@@ -475,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-steps", type=int, metavar="N",
                         help="adapter stages: train to this many steps (a stage resumes from its checkpoints, so "
                              "deleting its output and raising N continues it exactly)")
+    parser.add_argument("--adapter-batch", type=int, metavar="B",
+                        help="adapter stages: examples per step (default: the plan's, 8 on the CPU); a larger batch "
+                             "with a lower --adapter-lr averages out more of the gradient's noise per step")
     parser.add_argument("--adapter-lr", type=float, metavar="LR", help=f"adapter learning rate (default {ADAPTER_LR})")
     parser.add_argument("--adapter-negatives", choices=NEGATIVE_POOLS, default="attributes",
                         help="adapter stages: the negative phrase pool (default attributes: the world's 26 attribute "
@@ -519,12 +523,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.base is not None and args.base_init is not None:
         print("error: --base copies a model and --base-init trains on from one; give one of them", file=sys.stderr)
         return 2
+    if args.adapter_batch is not None and args.adapter_batch < 1:
+        print(f"error: --adapter-batch must be at least 1, got {args.adapter_batch}", file=sys.stderr)
+        return 2
     if args.scale <= 0:
         print(f"error: --scale must be positive, got {args.scale}", file=sys.stderr)
         return 2
     plan = scaled(QUICK if args.quick else (GPU if args.plan == "gpu" else FULL), args.scale)
     if args.adapter_steps is not None:
         plan = replace(plan, adapter=(args.adapter_steps, plan.adapter[1]))
+    if args.adapter_batch is not None:
+        plan = replace(plan, adapter=(plan.adapter[0], args.adapter_batch))
     if args.adapter_lr is not None:
         plan = replace(plan, adapter_lr=args.adapter_lr)
     out = args.out.expanduser()

@@ -236,10 +236,13 @@ def test_quick_family_run_writes_loadable_models_and_resumes(tmp_path, one_threa
     shutil.rmtree(out / "adapters" / "sun-p0.1.checkpoints")
     assert script.main([str(out), "--stages", "sun", "--adapter-init", str(tmp_path / "nope.safetensors")]) == 2
     assert capsys.readouterr().err.strip().endswith("is not a file; give a .safetensors adapter")
+    assert script.main([str(out), "--stages", "sun", "--adapter-batch", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --adapter-batch must be at least 1, got 0"
     assert script.main([str(out), "--quick", "--no-progress", "--stages", "sun", "--adapter-init", str(trained),
-                        "--adapter-lr", "1e-12"]) == 0
+                        "--adapter-lr", "1e-12", "--adapter-batch", "2"]) == 0
     entry = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert entry["stage"] == "sun" and entry["init"] == str(trained) and entry["start_step"] == 0
+    assert entry["batch_size"] == 2  # the quick plan's is 1
     before, after = load_file(trained), load_file(out / "adapters" / "sun-p0.1.safetensors")
     assert before.keys() == after.keys()  # learning rate 1e-12: the fine-tune keeps the weights it started from
     for name in before:
