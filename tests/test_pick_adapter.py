@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -41,3 +42,23 @@ def test_bad_step_counts_are_refused(steps, capsys):
     with pytest.raises(SystemExit) as exit_:
         _script().main(["--steps", steps, str(SHIPPED)])
     assert exit_.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_check_sun_guidance_lines(capsys):
+    """scripts/check_sun_guidance.py: the teacher's read-back beside CFG 25's and SUN's (on the pick's own prompts
+    and seeds, so the same figures as pick_pocket_adapter.py's), and SUN's share of CFG's guidance per timestep."""
+    spec = importlib.util.spec_from_file_location("check_sun_guidance", REPO / "scripts" / "check_sun_guidance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--prompts", "3"]) == 0
+    teacher, share = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    assert set(teacher["teacher"]) == {"cfg25_colour", "teacher_ddim24_cfg8_colour", "sun4_colour"}
+    assert all(0 <= v <= 1 for v in teacher["teacher"].values())
+    assert list(share["guidance_share"]) == [str(t) for t in module.TIMESTEPS]
+    assert all(np.isfinite(v["share"]) and v["error"] >= 0 for v in share["guidance_share"].values())
+    pick = _script()
+    assert pick.main(["--prompts", "3", "--fig5-seeds", "1", str(SHIPPED)]) == 0
+    (line,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    assert teacher["teacher"]["sun4_colour"] == pytest.approx(line["cfg25_colour"] - line["colour_gap_vs_cfg25"],
+                                                              abs=1e-4)
+    assert teacher["teacher"]["cfg25_colour"] == pytest.approx(line["cfg25_colour"], abs=1e-4)
